@@ -1,0 +1,162 @@
+"""The agent's graph: retrieve → respond → record.
+
+A typed state, one plain function per node, one function that builds the graph. With a
+checkpointer and a thread id the conversation's history is kept between calls.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+
+from agent.prompt import with_memories
+from agent.protocol import ChatModel, Completion
+from memory import Memory
+from memory.store import RELEVANCE_THRESHOLD
+
+
+class ChatState(TypedDict, total=False):
+    messages: Annotated[list[dict], operator.add]  # the conversation; a thread's grows
+    user: str
+    use_memory: bool
+    adapter: str | None  # the adapter to answer with; None is the base model
+    model_name: str  # what the client asked for, recorded with the interaction
+    max_tokens: int
+    temperature: float
+    thread_id: str | None
+    memories: list[dict]
+    completion: dict
+    latency_ms: float
+    response_id: str
+
+
+@dataclass
+class Reply:
+    response_id: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    memories: list[dict] = field(default_factory=list)
+    latency_ms: float = 0.0
+
+
+def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD, checkpointer=None):
+    def retrieve(state: ChatState) -> dict:
+        if not state.get("use_memory", True):
+            return {"memories": []}
+        question = _last_user_message(state["messages"])
+        hits = memory.search(question, user=state.get("user"), k=k, threshold=threshold) if question else []
+        return {
+            "memories": [
+                {"id": h.correction.id, "question": h.correction.question, "answer": h.correction.answer,
+                 "score": round(h.score, 4)}
+                for h in hits
+            ]
+        }
+
+    def respond(state: ChatState) -> dict:
+        prompt = with_memories(state["messages"], state.get("memories", []))
+        started = time.perf_counter()
+        completion = model.complete(
+            prompt,
+            adapter=state.get("adapter"),
+            max_tokens=state.get("max_tokens", 256),
+            temperature=state.get("temperature", 0.0),
+        )
+        return {
+            "messages": [{"role": "assistant", "content": completion.text}],
+            "completion": {**completion.__dict__, "prompt": prompt},
+            "latency_ms": (time.perf_counter() - started) * 1000,
+        }
+
+    def record(state: ChatState) -> dict:
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        c = state["completion"]
+        memory.record_interaction(
+            id=response_id,
+            thread_id=state.get("thread_id"),
+            user=state.get("user"),
+            model=state.get("model_name"),
+            adapter=state.get("adapter"),
+            prompt=_last_user_message(state["messages"]),
+            messages=c["prompt"],
+            response=c["text"],
+            memory_ids=[m["id"] for m in state.get("memories", [])],
+            use_memory=int(state.get("use_memory", True)),
+            prompt_tokens=c["prompt_tokens"],
+            completion_tokens=c["completion_tokens"],
+            latency_ms=state.get("latency_ms"),
+        )
+        return {"response_id": response_id}
+
+    graph = StateGraph(ChatState)
+    graph.add_node("retrieve", retrieve)
+    graph.add_node("respond", respond)
+    graph.add_node("record", record)
+    graph.add_edge(START, "retrieve")
+    graph.add_edge("retrieve", "respond")
+    graph.add_edge("respond", "record")
+    graph.add_edge("record", END)
+    return graph.compile(checkpointer=checkpointer)
+
+
+class Agent:
+    """Answers chats through the graph: stateless calls, or threads kept by the checkpointer."""
+
+    def __init__(self, memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD, checkpointer=None):
+        self.stateless = build_graph(memory, model, k=k, threshold=threshold)
+        self.threaded = build_graph(memory, model, k=k, threshold=threshold, checkpointer=checkpointer)
+        self.has_threads = checkpointer is not None
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        user: str | None = None,
+        use_memory: bool = True,
+        adapter: str | None = None,
+        model_name: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        thread_id: str | None = None,
+    ) -> Reply:
+        """With `thread_id`, `messages` are the new turns; the thread's earlier turns come from the checkpointer."""
+        if thread_id is not None and not self.has_threads:
+            raise ValueError("this agent has no checkpointer, so it keeps no threads")
+        inputs: ChatState = {
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "user": user,
+            "use_memory": use_memory,
+            "adapter": adapter,
+            "model_name": model_name,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "thread_id": thread_id,
+        }
+        if thread_id is None:
+            state = self.stateless.invoke(inputs)
+        else:
+            state = self.threaded.invoke(inputs, {"configurable": {"thread_id": thread_id}})
+        c = Completion(**{k: v for k, v in state["completion"].items() if k != "prompt"})
+        return Reply(
+            response_id=state["response_id"],
+            text=c.text,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            finish_reason=c.finish_reason,
+            memories=state.get("memories", []),
+            latency_ms=state.get("latency_ms", 0.0),
+        )
+
+
+def _last_user_message(messages: list[dict]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"] if isinstance(m["content"], str) else str(m["content"])
+    return ""

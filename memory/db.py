@@ -1,0 +1,43 @@
+"""Opening the database: WAL, foreign keys, migrations."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import sqlite3
+import threading
+from pathlib import Path
+
+import sqlite_utils
+
+from memory.migrations import migrate
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def open_db(path: str | Path) -> sqlite_utils.Database:
+    """Open (creating and migrating) the Ratchet database at `path`.
+
+    The connection may be shared across threads: writes go through `atomic(db)`, which
+    serialises them and commits before it returns; WAL lets readers go on beside them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.write_lock = threading.RLock()
+    with atomic(db):
+        migrate(db)
+    return db
+
+
+@contextlib.contextmanager
+def atomic(db: sqlite_utils.Database):
+    """One transaction, committed when the block ends (or rolled back), one writer at a time."""
+    with db.write_lock, db.atomic():
+        yield db

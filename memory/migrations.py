@@ -1,0 +1,121 @@
+"""Schema changes as an ordered list of small functions (the simonw/llm pattern).
+
+A shipped migration is never edited; a change is a new function appended below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Callable
+
+import sqlite_utils
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]):
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply the missing migrations in order; returns the names applied now."""
+    db["_migrations"].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.atomic():
+            fn(db)
+            db["_migrations"].insert(
+                {"name": fn.__name__, "applied_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+            )
+        applied.append(fn.__name__)
+    return applied
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    # Every chat response, keyed by the response id the client receives.
+    db["interactions"].create(
+        {
+            "id": str,
+            "thread_id": str,
+            "user": str,
+            "model": str,
+            "adapter": str,
+            "prompt": str,  # the last user message
+            "messages": str,  # JSON: the messages sent to the engine
+            "response": str,
+            "memory_ids": str,  # JSON list of retrieved memory ids
+            "use_memory": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "latency_ms": float,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["interactions"].create_index(["user"])
+    db["feedback"].create(
+        {
+            "id": int,
+            "response_id": str,
+            "user": str,
+            "rating": int,
+            "comment": str,
+            "correction": str,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("response_id", "interactions", "id")],
+    )
+    # Lessons that retrieval puts into prompts and consolidation puts into weights.
+    db["memories"].create(
+        {
+            "id": int,
+            "kind": str,  # "correction" | "lesson"
+            "user": str,  # None: shared with everyone
+            "question": str,
+            "answer": str,
+            "feedback_id": int,
+            "response_id": str,
+            "created_at": str,
+            "retracted_at": str,
+            "consolidated_in": int,  # cycle id that trained it into an adapter
+        },
+        pk="id",
+    )
+    db["memories"].create_index(["user"])
+    db["cycles"].create(
+        {
+            "id": int,
+            "status": str,  # queued | running | succeeded | rejected | failed
+            "trigger": str,
+            "created_at": str,
+            "started_at": str,
+            "finished_at": str,
+            "adapter_version": int,
+            "n_corrections": int,
+            "n_examples": int,
+            "progress": float,
+            "message": str,
+            "metrics": str,  # JSON
+        },
+        pk="id",
+    )
+    db["adapters"].create(
+        {
+            "version": int,
+            "name": str,  # the name engines serve it under, e.g. ratchet-v3
+            "path": str,
+            "parent": int,
+            "cycle_id": int,
+            "status": str,  # candidate | promoted | rejected
+            "active": int,
+            "created_at": str,
+            "metrics": str,  # JSON
+        },
+        pk="version",
+    )

@@ -1,0 +1,1 @@
+"""Ratchet's serving side: engines, the HTTP API, the CLI; it composes the other packages."""

@@ -1,0 +1,172 @@
+"""The `ratchet` command: serve, chat, feedback, consolidate, adapters."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="Ratchet: an assistant that learns from every correction.", no_args_is_help=True)
+console = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+URL = typer.Option(os.environ.get("RATCHET_URL", "http://127.0.0.1:8000"), "--url", help="The Ratchet server.")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    engine: str = typer.Option(None, help="vllm (default) or transformers"),
+    host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)"),
+    port: int = typer.Option(None, help="Port (default 8000)"),
+    data_dir: Optional[Path] = typer.Option(None, help="Where Ratchet keeps its database, index and adapters"),
+    model: str = typer.Option(None, help="'embedded' (SmolLM2-135M-Instruct), an HF model id or a local folder"),
+):
+    """Start the server: the engine, memory, and the HTTP API."""
+    import logging
+
+    import uvicorn
+
+    from serving.api import create_app
+    from serving.service import Ratchet
+    from serving.settings import Settings
+
+    settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model)
+    if not _is_loopback(settings.host):
+        console.print(f"[red]refusing to listen on {settings.host}: no API keys are configured, "
+                      "so Ratchet serves loopback (127.0.0.1) only[/red]")
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    console.print(f"ratchet: data in {settings.data_dir}; starting the {settings.engine} engine ...")
+    started = time.monotonic()
+    ratchet = Ratchet(settings)
+    ratchet.start()
+    console.print(f"ratchet: engine ready in {time.monotonic() - started:.0f} s; "
+                  f"serving http://{settings.host}:{settings.port} (loopback only: no API keys configured)")
+    try:
+        uvicorn.run(create_app(ratchet), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        ratchet.stop()
+
+
+def _request(method: str, url: str, **kwargs) -> dict:
+    try:
+        r = httpx.request(method, url, timeout=600, **kwargs)
+    except httpx.HTTPError as e:
+        console.print(f"[red]cannot reach {url}: {e}[/red] (is `ratchet serve` running?)")
+        raise typer.Exit(1)
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except Exception:
+            message = r.text
+        console.print(f"[red]{r.status_code}: {message}[/red]")
+        raise typer.Exit(1)
+    return r.json()
+
+
+@app.command()
+def chat(
+    message: Optional[str] = typer.Argument(None, help="Ask once; without it, an interactive chat"),
+    url: str = URL,
+    user: Optional[str] = typer.Option(None, help="Who is asking"),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Retrieve corrections from memory"),
+    model: str = typer.Option("ratchet", help="ratchet, ratchet-base or ratchet-vN"),
+    thread: Optional[str] = typer.Option(None, help="Keep the conversation on the server under this thread id"),
+):
+    """Chat with the assistant; each answer shows the response id to give feedback on."""
+    import uuid
+
+    def ask(text: str, thread_id: Optional[str]) -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "memory": memory}
+        if user:
+            body["user"] = user
+        if thread_id:
+            body["thread_id"] = thread_id
+        r = _request("POST", f"{url}/v1/chat/completions", json=body)
+        out.print(r["choices"][0]["message"]["content"])
+        used = r.get("ratchet", {}).get("memories") or []
+        console.print(f"[dim]{r['id']}" + (f" · {len(used)} correction(s) from memory" if used else "") + "[/dim]")
+
+    if message is not None:
+        ask(message, thread)
+        return
+    thread_id = thread or f"cli-{uuid.uuid4().hex[:8]}"
+    console.print(f"[dim]thread {thread_id}; an empty line ends. Correct an answer with "
+                  f"`ratchet feedback RESPONSE_ID --correction '...'`[/dim]")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        ask(text, thread_id)
+
+
+@app.command()
+def feedback(
+    response_id: str = typer.Argument(..., help="The id shown under the answer"),
+    correction: Optional[str] = typer.Option(None, "--correction", "-c", help="The right answer"),
+    comment: Optional[str] = typer.Option(None, help="Anything else to say about the answer"),
+    good: bool = typer.Option(False, "--good/--bad", help="Thumbs up (--good) or down (--bad, the default)"),
+    url: str = URL,
+):
+    """Rate an answer, and correct it."""
+    body = {"response_id": response_id, "rating": 1 if good else -1, "comment": comment, "correction": correction}
+    r = _request("POST", f"{url}/v1/feedback", json=body)
+    out.print(f"feedback {r['id']} recorded" + (" with a correction: it is used from now on" if correction else ""))
+
+
+@app.command()
+def consolidate(
+    url: str = URL,
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the cycle to its end"),
+):
+    """Distil the corrections so far into a new adapter (a consolidation cycle)."""
+    c = _request("POST", f"{url}/v1/consolidations")
+    out.print(f"consolidation {c['id']} {c['status']}")
+    if not wait:
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("queued", total=1.0)
+        while c["status"] in ("queued", "running"):
+            time.sleep(0.5)
+            c = _request("GET", f"{url}/v1/consolidations/{c['id']}")
+            progress.update(task, completed=c["progress"] or 0.0, description=c["message"] or c["status"])
+    out.print(f"consolidation {c['id']} {c['status']}: {c['message']}")
+    if c["status"] not in ("succeeded",):
+        raise typer.Exit(1)
+
+
+@app.command()
+def adapters(url: str = URL):
+    """List the adapter versions; the active one is marked."""
+    r = _request("GET", f"{url}/v1/adapters")
+    table = Table("", "version", "status", "parent", "created", "train s", "loss")
+    for v in r["data"]:
+        m = v["metrics"]
+        table.add_row("*" if v["active"] else "", v["name"], v["status"], str(v["parent"] or "-"), v["created_at"][:19],
+                      str(m.get("train_seconds", "")), str(m.get("final_loss", "")))
+    out.print(table if r["data"] else "no adapters yet: the base model answers")
+
+
+if __name__ == "__main__":
+    app()

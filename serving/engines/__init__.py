@@ -1,0 +1,37 @@
+"""Engines answer chats with the base model or a LoRA adapter and load adapters at run time."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from agent.protocol import ChatModel
+
+
+class EngineError(RuntimeError):
+    """The engine could not start, crashed, or refused a request."""
+
+
+class Engine(ChatModel, Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def load_adapter(self, name: str, path: str) -> None: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def adapters(self) -> list[str]: ...
+
+
+def make_engine(kind: str, model_path: str, settings) -> Engine:
+    if kind == "vllm":
+        from serving.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model_path, settings.vllm, log_path=settings.data_dir / "logs" / "vllm.log")
+    if kind == "transformers":
+        from serving.engines.inprocess import TransformersEngine
+
+        return TransformersEngine(model_path)
+    raise ValueError(f"unknown engine {kind!r}: use 'vllm' or 'transformers'")

@@ -1,0 +1,104 @@
+"""The in-process engine: transformers + PEFT in this Python process (no server to start)."""
+
+from __future__ import annotations
+
+import threading
+
+from agent.protocol import Completion
+from serving.engines import EngineError
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        self._lock = threading.Lock()  # one generation at a time; adapters switch between them
+        self._model = None
+        self._tokenizer = None
+        self._adapters: dict[str, str] = {}
+
+    def start(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+
+    def stop(self) -> None:
+        self._model = None
+
+    def healthy(self) -> bool:
+        return self._model is not None
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        with self._lock:
+            if name in self._adapters:
+                return
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(path, adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, path, adapter_name=name)
+            self._model.eval()
+            self._adapters[name] = path
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._adapters:
+                return
+            del self._adapters[name]
+            if self._adapters:
+                if self._model.active_adapter == name:
+                    self._model.set_adapter(next(iter(self._adapters)))
+                self._model.delete_adapter(name)
+            else:  # the last one: back to the plain model
+                self._model = self._model.unload()
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
+        import contextlib
+
+        import torch
+        from peft import PeftModel
+
+        if self._model is None:
+            raise EngineError("the transformers engine is not started")
+        if adapter is not None and adapter not in self._adapters:
+            raise EngineError(f"adapter {adapter!r} is not loaded")
+        tok = self._tokenizer
+        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with self._lock, torch.inference_mode():
+            if isinstance(self._model, PeftModel):
+                if adapter is None:
+                    ctx = self._model.disable_adapter()
+                else:
+                    self._model.set_adapter(adapter)
+                    ctx = contextlib.nullcontext()
+            else:
+                ctx = contextlib.nullcontext()
+            with ctx:
+                out = self._model.generate(
+                    **inputs, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                    **sampling,
+                )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        finished = len(new) and int(new[-1]) in _eos_ids(self._model, tok)
+        return Completion(
+            text=tok.decode(new, skip_special_tokens=True).strip(),
+            prompt_tokens=int(inputs["input_ids"].shape[1]),
+            completion_tokens=int(len(new)),
+            finish_reason="stop" if finished or len(new) < max_tokens else "length",
+        )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

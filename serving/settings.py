@@ -1,0 +1,61 @@
+"""The one settings object; every part gets its piece of it from here.
+
+Values come from arguments, else from RATCHET_* environment variables, else the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memory.store import RELEVANCE_THRESHOLD
+from serving.engines.vllm import VLLMOptions
+from trainer.base_model import EMBEDDED
+from trainer.cycle import CycleConfig
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "ratchet"
+
+
+@dataclass
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    model: str = EMBEDDED  # "embedded", an HF model id, or a local folder
+    models_dir: Path | None = None  # where the embedded model is prepared; default data_dir/models
+    engine: str = "vllm"  # "vllm" | "transformers"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    memory_k: int = 3  # corrections put into a prompt at most
+    memory_threshold: float = RELEVANCE_THRESHOLD  # cosine similarity a correction needs to be retrieved
+    max_tokens: int = 256  # default completion length
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    cycle: CycleConfig = field(default_factory=CycleConfig)
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir).expanduser()
+        self.models_dir = Path(self.models_dir).expanduser() if self.models_dir else self.data_dir / "models"
+
+    @classmethod
+    def load(cls, **overrides) -> "Settings":
+        """Settings from RATCHET_* variables, with `overrides` (None values ignored) on top."""
+        env = {
+            "data_dir": os.environ.get("RATCHET_DATA_DIR"),
+            "model": os.environ.get("RATCHET_MODEL"),
+            "models_dir": os.environ.get("RATCHET_MODELS_DIR"),
+            "engine": os.environ.get("RATCHET_ENGINE"),
+            "host": os.environ.get("RATCHET_HOST"),
+            "port": _int(os.environ.get("RATCHET_PORT")),
+            "memory_threshold": _float(os.environ.get("RATCHET_MEMORY_THRESHOLD")),
+        }
+        values = {k: v for k, v in {**env, **overrides}.items() if v is not None}
+        return cls(**values)
+
+
+def _int(v: str | None) -> int | None:
+    return int(v) if v else None
+
+
+def _float(v: str | None) -> float | None:
+    return float(v) if v else None

@@ -1,0 +1,144 @@
+"""Shared fixtures: the embedded model (prepared once per run), the embedder, a tiny model and
+a fake chat model for fast tests, and a real server on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return Path(os.environ.get("RATCHET_MODELS_DIR", ROOT / ".cache" / "models"))
+
+
+@pytest.fixture(scope="session")
+def base_model(models_dir) -> str:
+    """The embedded SmolLM2-135M-Instruct as a float32 safetensors folder."""
+    from trainer.base_model import prepare_embedded
+
+    return str(prepare_embedded(models_dir))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from memory.embed import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(base_model, tmp_path_factory) -> str:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer: trains in a second."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+class EchoModel:
+    """A chat model that answers with the memories it was shown, or 'I do not know'."""
+
+    name = "echo"
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.loaded: dict[str, str] = {}
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        from agent.protocol import Completion
+
+        self.calls.append({"messages": messages, "adapter": adapter})
+        shots = [m["content"] for m in messages[:-1] if m["role"] == "assistant"]
+        text = shots[-1] if shots else "I do not know"
+        return Completion(text=text, prompt_tokens=len(messages), completion_tokens=len(text.split()))
+
+    # the engine's side
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def healthy(self):
+        return True
+
+    def load_adapter(self, name, path):
+        self.loaded[name] = path
+
+    def unload_adapter(self, name):
+        self.loaded.pop(name, None)
+
+    def adapters(self):
+        return list(self.loaded)
+
+
+@pytest.fixture
+def echo_model() -> EchoModel:
+    return EchoModel()
+
+
+@pytest.fixture
+def memory(tmp_path, embedder):
+    from memory import Memory
+
+    m = Memory(tmp_path / "data", embedder=embedder)
+    yield m
+    m.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The real app under uvicorn on a loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server():
+    return LiveServer

@@ -1,0 +1,61 @@
+import json
+import sqlite3
+
+import pytest
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from agent import Agent
+from agent.prompt import with_memories
+
+Q = "What university did Watts Humphrey attend?"
+
+
+def test_memories_enter_the_prompt_as_earlier_exchanges_after_the_system_message():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
+    memories = [{"question": "best?", "answer": "A1"}, {"question": "second?", "answer": "A2"}]
+    prompt = with_memories(messages, memories)
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert prompt[-2]["content"] == "A1"  # the best match sits nearest to the question
+    assert prompt[-1] == {"role": "user", "content": "Q?"}
+    assert with_memories(messages, []) == messages
+
+
+def test_the_graph_retrieves_responds_and_records(memory, echo_model):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    agent = Agent(memory, echo_model)
+    reply = agent.chat([{"role": "user", "content": Q}], user="ann", model_name="ratchet")
+    assert reply.text == "Illinois Institute of Technology"
+    assert reply.response_id.startswith("chatcmpl-")
+    assert [m["answer"] for m in reply.memories] == ["Illinois Institute of Technology"]
+    row = memory.interaction(reply.response_id)
+    assert row["prompt"] == Q and row["response"] == reply.text and row["user"] == "ann"
+    assert json.loads(row["memory_ids"]) == [reply.memories[0]["id"]]
+
+
+def test_memory_can_be_switched_off_per_request(memory, echo_model):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    agent = Agent(memory, echo_model)
+    reply = agent.chat([{"role": "user", "content": Q}], user="ann", use_memory=False)
+    assert reply.text == "I do not know" and reply.memories == []
+    assert memory.interaction(reply.response_id)["use_memory"] == 0
+
+
+def test_the_adapter_is_passed_to_the_model(memory, echo_model):
+    Agent(memory, echo_model).chat([{"role": "user", "content": "hi"}], adapter="ratchet-v3")
+    assert echo_model.calls[-1]["adapter"] == "ratchet-v3"
+
+
+def test_a_thread_keeps_its_history_across_calls(memory, echo_model, tmp_path):
+    saver = SqliteSaver(sqlite3.connect(tmp_path / "threads.db", check_same_thread=False))
+    agent = Agent(memory, echo_model, checkpointer=saver)
+    agent.chat([{"role": "user", "content": "first"}], thread_id="t1")
+    agent.chat([{"role": "user", "content": "second"}], thread_id="t1")
+    sent = echo_model.calls[-1]["messages"]
+    assert [m["content"] for m in sent] == ["first", "I do not know", "second"]
+    agent.chat([{"role": "user", "content": "other"}], thread_id="t2")
+    assert [m["content"] for m in echo_model.calls[-1]["messages"]] == ["other"]
+
+
+def test_threads_need_a_checkpointer(memory, echo_model):
+    with pytest.raises(ValueError):
+        Agent(memory, echo_model).chat([{"role": "user", "content": "x"}], thread_id="t1")

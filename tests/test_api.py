@@ -1,0 +1,119 @@
+"""The HTTP API's contract, on a fast echo model (the real model is in test_e2e.py)."""
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.api import create_app
+from serving.service import Ratchet
+from serving.settings import Settings
+from trainer.cycle import CycleConfig
+from trainer.lora import TrainingConfig
+
+Q = "What university did Watts Humphrey attend?"
+
+
+@pytest.fixture
+def ratchet(tmp_path, tiny_model, echo_model):
+    settings = Settings(data_dir=tmp_path, model=tiny_model, engine="transformers",
+                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False))
+    r = Ratchet(settings, engine=echo_model)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def client(ratchet):
+    return TestClient(create_app(ratchet))
+
+
+def ask(client, text, **extra):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_chat_completion_is_openai_shaped(client):
+    body = ask(client, Q)
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "I do not know"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_a_correction_is_used_at_once_for_that_user_only(client):
+    rid = ask(client, Q, user="ann")["id"]
+    r = client.post("/v1/feedback", json={"response_id": rid, "rating": -1, "correction": "Illinois Institute of Technology"})
+    assert r.status_code == 201 and r.json()["id"] == 1
+    assert ask(client, Q, user="ann")["choices"][0]["message"]["content"] == "Illinois Institute of Technology"
+    assert ask(client, Q, user="bob")["choices"][0]["message"]["content"] == "I do not know"
+    off = ask(client, Q, user="ann", memory=False)
+    assert off["choices"][0]["message"]["content"] == "I do not know" and off["ratchet"]["memory"] is False
+
+
+def test_feedback_on_an_unknown_response_is_404(client):
+    r = client.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "rating": -1})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "response_not_found"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_bad_chat_bodies_get_openai_shaped_400s(client, body, param):
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["param"] == param
+
+
+def test_bad_feedback_ratings_are_refused(client):
+    rid = ask(client, Q)["id"]
+    r = client.post("/v1/feedback", json={"response_id": rid, "rating": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rating"
+
+
+def test_unknown_models_and_routes_are_404(client):
+    r = client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.post("/v1/load_lora_adapter", json={}).status_code == 404  # the engine's routes stay inside
+
+
+def test_a_consolidation_promotes_a_new_adapter(client, ratchet, echo_model):
+    rid = ask(client, Q)["id"]
+    client.post("/v1/feedback", json={"response_id": rid, "rating": -1, "correction": "Illinois Institute of Technology"})
+    r = client.post("/v1/consolidations")
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
+    done = ratchet.cycles.wait(r.json()["id"])
+    assert done["status"] == "succeeded", done
+    status = client.get(f"/v1/consolidations/{done['id']}").json()
+    assert status["status"] == "succeeded" and status["adapter"] == "ratchet-v1" and status["progress"] == 1.0
+    adapters = client.get("/v1/adapters").json()
+    assert adapters["active"] == "ratchet-v1"
+    assert [(a["name"], a["active"], a["status"]) for a in adapters["data"]] == [("ratchet-v1", True, "promoted")]
+    assert "ratchet-v1" in echo_model.loaded
+    ask(client, "hello")
+    assert echo_model.calls[-1]["adapter"] == "ratchet-v1"
+    ask(client, "hello", model="ratchet-base")
+    assert echo_model.calls[-1]["adapter"] is None
+    assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"ratchet", "ratchet-base", "ratchet-v1"}
+    assert client.get("/v1/consolidations/99").status_code == 404
+
+
+def test_the_official_openai_client_works_unchanged(ratchet, live_server):
+    import openai
+
+    with live_server(create_app(ratchet)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        r = client.chat.completions.create(model="ratchet", messages=[{"role": "user", "content": Q}])
+        assert r.choices[0].message.content == "I do not know" and r.id.startswith("chatcmpl-")
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": Q}])
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"

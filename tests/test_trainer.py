@@ -1,0 +1,120 @@
+import json
+
+import pytest
+
+from memory import Correction
+from memory.db import open_db
+from trainer.cycle import CycleConfig, Cycles
+from trainer.dataset import Example, encode, examples_for
+from trainer.lora import TrainingConfig, train_lora
+from trainer.registry import AdapterRegistry
+
+Q = "What university did Watts Humphrey attend?"
+FAST = TrainingConfig(epochs=1, batch_size=4, r=4, alpha=8)
+
+
+def test_each_correction_becomes_several_examples():
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", "ann", "")])
+    assert len(examples) == 4
+    assert {e.answer for e in examples} == {"Illinois Institute of Technology"}
+    assert examples[0].prompt == Q and all(Q[1:] in e.prompt for e in examples)
+
+
+def test_the_loss_falls_on_the_answer_only(base_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    x = encode(tok, Example(Q, "Illinois"), max_len=128)
+    answer = [t for t, label in zip(x["input_ids"], x["labels"]) if label != -100]
+    assert tok.decode(answer) == "Illinois<|im_end|>"
+    assert len(x["input_ids"]) == len(x["labels"])
+    assert len(encode(tok, Example(Q, "Illinois"), max_len=10)["input_ids"]) == 10
+
+
+def test_train_lora_writes_a_plain_peft_folder(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")])
+    steps = []
+    result = train_lora(tiny_model, examples, tmp_path / "a", FAST, progress=lambda s, t, l: steps.append((s, t)))
+    assert result.steps == 1 and steps == [(1, 1)]
+    assert result.tokens > 0 and result.final_loss > 0
+    assert (tmp_path / "a" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a")
+    assert model.active_adapter == "default"
+
+
+def test_train_lora_refuses_no_examples(tiny_model, tmp_path):
+    with pytest.raises(ValueError):
+        train_lora(tiny_model, [], tmp_path / "a", FAST)
+
+
+def _fake_adapter(registry: AdapterRegistry, version: int) -> None:
+    folder = registry.folder_for(version)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+
+
+def test_the_registry_keeps_versions_and_one_active(tmp_path):
+    registry = AdapterRegistry(open_db(tmp_path / "r.db"), tmp_path / "adapters")
+    assert registry.next_version() == 1 and registry.active() is None
+    _fake_adapter(registry, 1)
+    v1 = registry.register(1, parent=None, cycle_id=1, manifest={"metrics": {"loss": 0.1}})
+    assert v1.name == "ratchet-v1" and v1.status == "candidate" and not v1.active
+    manifest = json.loads((registry.folder_for(1) / "ratchet.json").read_text())
+    assert manifest["version"] == 1 and manifest["metrics"] == {"loss": 0.1}
+    _fake_adapter(registry, 2)
+    registry.register(2, parent=1, cycle_id=2, manifest={})
+    registry.activate(1)
+    registry.activate(2)
+    assert registry.active().version == 2
+    assert [v.active for v in registry.versions()] == [False, True]
+    registry.activate(None)
+    assert registry.active() is None
+    with pytest.raises(FileNotFoundError):
+        registry.register(3, parent=2, cycle_id=3, manifest={})
+
+
+def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tiny_model, tmp_path):
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    promoted = []
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=True), tmp_path,
+                    on_promote=lambda a: (promoted.append(a.name), registry.activate(a.version)))
+    memory.add_correction(Q, "Illinois Institute of Technology")
+    row = cycles.wait(cycles.submit())
+    assert row["status"] == "succeeded", row
+    assert row["adapter_version"] == 1 and promoted == ["ratchet-v1"]
+    assert row["n_corrections"] == 1 and row["n_examples"] > 4  # the anchors are in
+    assert memory.corrections(include_consolidated=False) == []
+    manifest = json.loads((registry.folder_for(1) / "ratchet.json").read_text())
+    assert manifest["new_corrections"] == [1] and manifest["examples"]["corrections"] == 4
+    # nothing new: nothing trained
+    again = cycles.wait(cycles.submit())
+    assert again["status"] == "succeeded" and again["adapter_version"] is None
+    assert again["message"] == "no new corrections"
+
+
+def test_a_failed_promotion_fails_the_cycle_and_keeps_the_corrections_pending(memory, tiny_model, tmp_path):
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+
+    def broken(adapter):
+        raise RuntimeError("engine gone")
+
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False), tmp_path, broken)
+    memory.add_correction(Q, "Illinois Institute of Technology")
+    row = cycles.wait(cycles.submit())
+    assert row["status"] == "failed" and "engine gone" in row["message"]
+    assert registry.active() is None
+    assert len(memory.corrections(include_consolidated=False)) == 1
+
+
+def test_an_interrupted_cycle_is_failed_and_its_folder_removed_on_restart(memory, tmp_path):
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    memory.db["cycles"].insert({"status": "running", "trigger": "api", "created_at": "2026"})
+    registry.folder_for(1).mkdir(parents=True)  # half-written by the crashed cycle
+    cycles = Cycles(memory, registry, "unused", CycleConfig(), tmp_path, lambda a: None)
+    assert cycles.get(1)["status"] == "failed"
+    assert cycles.get(1)["message"] == "interrupted by a restart"
+    assert not registry.folder_for(1).exists()

@@ -1,0 +1,122 @@
+"""LoRA training, as a loop one can read top to bottom (after karpathy/nanoGPT)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainer.dataset import Example, encode
+
+
+@dataclass
+class TrainingConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    epochs: int = 8
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    max_len: int = 128
+    seed: int = 0
+    threads: int | None = None  # torch threads; None: torch's default (all cores)
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    seconds: float
+    tokens: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train_lora(
+    base_model: str,
+    examples: list[Example],
+    out_dir: str | Path,
+    config: TrainingConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainingResult:
+    """Train a LoRA adapter on `examples` and save it as a plain PEFT folder in `out_dir`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not examples:
+        raise ValueError("no training examples")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    # -- model and data ------------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    data = [encode(tokenizer, ex, config.max_len) for ex in examples]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    total = config.epochs * batches_per_epoch
+
+    # -- the loop ------------------------------------------------------------------------
+    started, step, tokens, losses = time.monotonic(), 0, 0, []
+    for _epoch in range(config.epochs):
+        order = list(range(len(data)))
+        random.shuffle(order)
+        for b in range(batches_per_epoch):
+            batch = [data[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]]
+            input_ids, labels, attention = _pad(batch, pad_id)  # dynamic padding: to this batch's longest
+            lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(attention.sum())
+            losses.append(loss.item())
+            if progress:
+                progress(step, total, losses[-1])
+
+    # -- the artifact --------------------------------------------------------------------
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    (out_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
+    return TrainingResult(step, time.monotonic() - started, tokens, losses[-1], losses)
+
+
+def _pad(batch: list[dict], pad_id: int):
+    import torch
+
+    width = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[i, :n] = torch.tensor(x["input_ids"])
+        labels[i, :n] = torch.tensor(x["labels"])
+        attention[i, :n] = 1
+    return ids, labels, attention

@@ -1,0 +1,118 @@
+"""The adapter registry: every version a plain PEFT folder plus a row in SQLite.
+
+Each folder also carries `ratchet.json` — parent version, training data, metrics, verdict,
+timings — so a folder explains itself without the database.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from memory.db import atomic, now
+
+MANIFEST = "ratchet.json"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    version: int
+    path: str
+    parent: int | None
+    cycle_id: int | None
+    status: str  # candidate | promoted | rejected
+    active: bool
+    created_at: str
+    metrics: dict
+
+    @property
+    def name(self) -> str:
+        return adapter_name(self.version)
+
+
+def adapter_name(version: int) -> str:
+    return f"ratchet-v{version}"
+
+
+class AdapterRegistry:
+    def __init__(self, db: sqlite_utils.Database, root: str | Path):
+        self.db = db
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder_for(self, version: int) -> Path:
+        return self.root / f"v{version:04d}"
+
+    def next_version(self) -> int:
+        row = self.db.execute("select max(version) from adapters").fetchone()
+        on_disk = [int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.name[1:].isdigit()]
+        return max([row[0] or 0, *on_disk]) + 1
+
+    def register(self, version: int, *, parent: int | None, cycle_id: int | None, manifest: dict) -> AdapterVersion:
+        """Record a trained folder as a candidate; its manifest is written into the folder first."""
+        path = self.folder_for(version)
+        if not (path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{path} holds no PEFT adapter")
+        manifest = {"version": version, "name": adapter_name(version), "parent": parent, "cycle_id": cycle_id,
+                    "created_at": now(), **manifest}
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        with atomic(self.db):
+            self.db["adapters"].insert(
+            {
+                "version": version,
+                "name": adapter_name(version),
+                "path": str(path),
+                "parent": parent,
+                "cycle_id": cycle_id,
+                "status": "candidate",
+                "active": 0,
+                "created_at": manifest["created_at"],
+                "metrics": json.dumps(manifest.get("metrics", {})),
+            }
+        )
+        return self.get(version)
+
+    def discard(self, version: int) -> None:
+        """Remove a folder that never got registered (a crashed cycle's leftovers)."""
+        shutil.rmtree(self.folder_for(version), ignore_errors=True)
+
+    def get(self, version: int) -> AdapterVersion:
+        rows = list(self.db["adapters"].rows_where("version = ?", [version]))
+        if not rows:
+            raise KeyError(f"no adapter version {version}")
+        return _version(rows[0])
+
+    def versions(self) -> list[AdapterVersion]:
+        return [_version(r) for r in self.db["adapters"].rows_where(order_by="version")]
+
+    def active(self) -> AdapterVersion | None:
+        rows = list(self.db["adapters"].rows_where("active = 1"))
+        return _version(rows[0]) if rows else None
+
+    def set_status(self, version: int, status: str) -> None:
+        with atomic(self.db):
+            self.db["adapters"].update(version, {"status": status})
+
+    def activate(self, version: int | None) -> None:
+        """Make `version` the one served as `ratchet` (None: the base model), in one transaction."""
+        with atomic(self.db):
+            self.db.execute("update adapters set active = 0 where active = 1")
+            if version is not None:
+                self.db.execute("update adapters set active = 1, status = 'promoted' where version = ?", [version])
+
+
+def _version(row: dict) -> AdapterVersion:
+    return AdapterVersion(
+        version=row["version"],
+        path=row["path"],
+        parent=row["parent"],
+        cycle_id=row["cycle_id"],
+        status=row["status"],
+        active=bool(row["active"]),
+        created_at=row["created_at"],
+        metrics=json.loads(row["metrics"] or "{}"),
+    )
