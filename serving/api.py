@@ -5,6 +5,7 @@ One router per resource; one place maps exceptions to OpenAI-shaped errors.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
@@ -166,8 +167,18 @@ def _cycle(row: dict) -> dict:
 
 
 # -- the app -------------------------------------------------------------------------------
-def create_app(r: Ratchet) -> FastAPI:
-    app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.")
+def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
+    """The app over a started Ratchet; with `stop_on_shutdown` the server's shutdown stops it
+    (uvicorn re-raises SIGTERM after shutdown, so code after `uvicorn.run` may never run)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        if stop_on_shutdown:
+            r.stop()
+
+    app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
+                  lifespan=lifespan)
     for make in (chat_router, feedback_router, consolidations_router, adapters_router):
         app.include_router(make(r))
 

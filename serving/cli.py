@@ -59,10 +59,7 @@ def serve(
     ratchet.start()
     console.print(f"ratchet: engine ready in {time.monotonic() - started:.0f} s; "
                   f"serving http://{settings.host}:{settings.port} (loopback only: no API keys configured)")
-    try:
-        uvicorn.run(create_app(ratchet), host=settings.host, port=settings.port, log_level="info")
-    finally:
-        ratchet.stop()
+    uvicorn.run(create_app(ratchet, stop_on_shutdown=True), host=settings.host, port=settings.port, log_level="info")
 
 
 def _request(method: str, url: str, **kwargs) -> dict:

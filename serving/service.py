@@ -45,6 +45,7 @@ class Ratchet:
             self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir, on_promote=self.promote
         )
         self._swap = threading.Lock()
+        self._stopped = False
         active = self.registry.active()
         self.active: str | None = active.name if active else None
 
@@ -56,6 +57,9 @@ class Ratchet:
             self.engine.load_adapter(active.name, active.path)
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.engine.stop()
         self.memory.close()
         self._threads_db.close()

@@ -8,6 +8,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import free_port
@@ -45,11 +46,16 @@ def serve(tmp_path, base_model, models_dir):
 
     yield start
     for proc in procs:
+        children = psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        for p in alive:
+            p.kill()
+        assert proc.returncode is not None and not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
 
 
 def ask(url: str, question: str, **extra) -> dict:

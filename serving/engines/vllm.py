@@ -29,7 +29,7 @@ class VLLMOptions:
     port: int = 0  # 0: a free port
     dtype: str = "float32"  # this CPU has no bf16 units
     threads_bind: str = ""  # VLLM_CPU_OMP_THREADS_BIND; "": all cores, "0-1" style
-    kv_cache_gib: float = 2.0  # VLLM_CPU_KVCACHE_SPACE
+    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE, whole GiB
     max_model_len: int = 2048
     max_loras: int = 4
     max_lora_rank: int = 16
@@ -95,9 +95,11 @@ class VLLMEngine:
             log = open(self.log_path, "ab")
         else:
             log = subprocess.DEVNULL
-        # Its own process group, so that stop() ends vLLM's engine-core children too.
+        # Its own process group, so that stop() ends vLLM's engine-core children too; and told
+        # to end when this process dies, so that a killed Ratchet leaves no orphan behind.
         self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         atexit.register(self.stop)
         self._client = openai.OpenAI(
@@ -188,6 +190,20 @@ class VLLMEngine:
             completion_tokens=r.usage.completion_tokens if r.usage else 0,
             finish_reason=choice.finish_reason or "stop",
         )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG).
+
+    Linux ties this to the thread that spawned the child, so engines are started from the
+    main thread or a thread that lives as long as the server.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
