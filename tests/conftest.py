@@ -4,12 +4,13 @@ a fake chat model for fast tests, and a real server on a free loopback port."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from evals.server import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,12 +107,6 @@ def memory(tmp_path, embedder):
     m = Memory(tmp_path / "data", embedder=embedder)
     yield m
     m.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -1,0 +1,1 @@
+"""Benchmarks and reports that drive Ratchet through its public interfaces (HTTP and CLI)."""

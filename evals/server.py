@@ -1,0 +1,112 @@
+"""`ratchet serve` as a subprocess in its own data directory, for benchmarks and end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RatchetServer:
+    """Starts `ratchet serve`, waits until /health answers, and on exit stops it and checks that
+    nothing it started (vLLM and its engine core) is left running."""
+
+    def __init__(self, data_dir: str | Path, engine: str = "vllm", models_dir: str | Path | None = None,
+                 model: str | None = None, startup_timeout: float = 900):
+        self.data_dir = Path(data_dir)
+        self.engine = engine
+        self.models_dir = models_dir
+        self.model = model
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir / f"serve-{engine}.log"
+        self.proc: subprocess.Popen | None = None
+        self.left_running: list[str] = []
+
+    def __enter__(self) -> "RatchetServer":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.models_dir:
+            env["RATCHET_MODELS_DIR"] = str(self.models_dir)
+        cmd = [sys.executable, "-m", "serving.cli", "serve", "--engine", self.engine, "--port", str(self.port),
+               "--data-dir", str(self.data_dir)]
+        if self.model:
+            cmd += ["--model", self.model]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ratchet serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"ratchet serve was not ready after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        self.left_running = [" ".join(p.cmdline()[:4]) for p in alive if p.is_running()]
+        for p in alive:
+            p.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    # -- the public API, as a client uses it ---------------------------------------------
+    def ask(self, question: str, timeout: float = 300, **extra) -> dict:
+        body = {"messages": [{"role": "user", "content": question}], "temperature": 0, **extra}
+        r = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def correct(self, response_id: str, correction: str, user: str | None = None) -> dict:
+        r = httpx.post(f"{self.url}/v1/feedback", json={"response_id": response_id, "rating": -1,
+                                                      "correction": correction, "user": user}, timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    def consolidate(self, timeout: float = 3600, on_progress=None) -> dict:
+        cycle = httpx.post(f"{self.url}/v1/consolidations", timeout=60).json()
+        deadline = time.monotonic() + timeout
+        while cycle["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consolidation {cycle['id']} still {cycle['status']}")
+            time.sleep(1)
+            cycle = httpx.get(f"{self.url}/v1/consolidations/{cycle['id']}", timeout=60).json()
+            if on_progress:
+                on_progress(cycle)
+        return cycle
+
+
+def answer_text(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]
