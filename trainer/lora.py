@@ -19,6 +19,7 @@ class TrainingConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    layers_from: float = 0.0  # adapt only layers from this fraction of the depth up (0: all layers)
     epochs: int = 8
     learning_rate: float = 1e-3
     batch_size: int = 8
@@ -46,10 +47,12 @@ def train_lora(
     out_dir: str | Path,
     config: TrainingConfig,
     progress: Callable[[int, int, float], None] | None = None,
+    init_adapter: str | Path | None = None,
 ) -> TrainingResult:
-    """Train a LoRA adapter on `examples` and save it as a plain PEFT folder in `out_dir`."""
+    """Train a LoRA adapter on `examples` and save it as a plain PEFT folder in `out_dir`;
+    from `init_adapter`'s weights (continuing a previous version) or from zero."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not examples:
@@ -63,14 +66,20 @@ def train_lora(
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=config.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        n_layers = model.config.num_hidden_layers
+        first = int(n_layers * config.layers_from)
+        lora = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=config.target_modules,
+            layers_to_transform=list(range(first, n_layers)) if first else None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
     model.train()
     data = [encode(tokenizer, ex, config.max_len) for ex in examples]
     params = [p for p in model.parameters() if p.requires_grad]
