@@ -216,6 +216,15 @@ class Memory:
         with atomic(self.db):
             self.db.execute(f"update memories set consolidated_in = ? where id in ({marks})", [cycle_id, *ids])
 
+    def retracted_consolidated_since(self, since: str) -> int:
+        """How many corrections already trained into weights were retracted after `since`."""
+        row = self.db.execute(
+            "select count(*) from memories where consolidated_in is not null and retracted_at is not null"
+            " and retracted_at > ?",
+            [since],
+        ).fetchone()
+        return row[0]
+
     def close(self) -> None:
         self.index.save()
         self.db.conn.close()

@@ -16,7 +16,8 @@ Q = "What university did Watts Humphrey attend?"
 @pytest.fixture
 def ratchet(tmp_path, tiny_model, echo_model):
     settings = Settings(data_dir=tmp_path, model=tiny_model, engine="transformers",
-                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False))
+                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False,
+                                          gate_enabled=False))
     r = Ratchet(settings, engine=echo_model)
     r.start()
     yield r

@@ -14,7 +14,8 @@ runner = CliRunner()
 @pytest.fixture
 def server(tmp_path, tiny_model, echo_model, live_server):
     settings = Settings(data_dir=tmp_path, model=tiny_model,
-                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False))
+                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False,
+                                          gate_enabled=False))
     r = Ratchet(settings, engine=echo_model)
     r.start()
     with live_server(create_app(r)) as s:

@@ -80,7 +80,7 @@ def test_the_registry_keeps_versions_and_one_active(tmp_path):
 def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tiny_model, tmp_path):
     registry = AdapterRegistry(memory.db, tmp_path / "adapters")
     promoted = []
-    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=True), tmp_path,
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=True, gate_enabled=False), tmp_path,
                     on_promote=lambda a: (promoted.append(a.name), registry.activate(a.version)))
     memory.add_correction(Q, "Illinois Institute of Technology")
     row = cycles.wait(cycles.submit())
@@ -89,7 +89,8 @@ def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tin
     assert row["n_corrections"] == 1 and row["n_examples"] > 4  # the anchors are in
     assert memory.corrections(include_consolidated=False) == []
     manifest = json.loads((registry.folder_for(1) / "ratchet.json").read_text())
-    assert manifest["new_corrections"] == [1] and manifest["examples"]["corrections"] == 4
+    assert manifest["new_corrections"] == [1]
+    assert manifest["plan"]["start"] == "base" and manifest["plan"]["correction_examples"] == 2
     # nothing new: nothing trained
     again = cycles.wait(cycles.submit())
     assert again["status"] == "succeeded" and again["adapter_version"] is None
@@ -102,7 +103,8 @@ def test_a_failed_promotion_fails_the_cycle_and_keeps_the_corrections_pending(me
     def broken(adapter):
         raise RuntimeError("engine gone")
 
-    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False), tmp_path, broken)
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, gate_enabled=False), tmp_path,
+                    broken)
     memory.add_correction(Q, "Illinois Institute of Technology")
     row = cycles.wait(cycles.submit())
     assert row["status"] == "failed" and "engine gone" in row["message"]
@@ -118,3 +120,36 @@ def test_an_interrupted_cycle_is_failed_and_its_folder_removed_on_restart(memory
     assert cycles.get(1)["status"] == "failed"
     assert cycles.get(1)["message"] == "interrupted by a restart"
     assert not registry.folder_for(1).exists()
+
+
+def test_a_second_cycle_continues_the_active_adapter_with_replay(memory, tiny_model, tmp_path):
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, gate_enabled=False),
+                    tmp_path, on_promote=lambda a: registry.activate(a.version))
+    memory.add_correction(Q, "Illinois Institute of Technology")
+    assert cycles.wait(cycles.submit())["status"] == "succeeded"
+    memory.add_correction("Which family does Ramalinaceae belong to?", "Lecanorales")
+    assert cycles.wait(cycles.submit())["status"] == "succeeded"
+    plan = json.loads((registry.folder_for(2) / "ratchet.json").read_text())["plan"]
+    assert plan["start"] == "active" and plan["init_adapter"] == str(registry.folder_for(1))
+    assert plan["replayed_earlier"] == 1 and plan["correction_examples"] == 3  # 2 phrasings + 1 replayed
+    assert registry.get(2).parent == 1
+
+
+def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_model, tmp_path):
+    from trainer.gate import GateConfig
+
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    promoted = []
+    # a 2-layer random model cannot learn anything: efficacy 0 < 0.9
+    config = CycleConfig(training=FAST, anchors=False, gate=GateConfig(max_new_tokens=4))
+    cycles = Cycles(memory, registry, tiny_model, config, tmp_path, on_promote=promoted.append)
+    memory.add_correction(Q, "Illinois Institute of Technology")
+    row = cycles.wait(cycles.submit())
+    assert row["status"] == "rejected", row
+    assert "efficacy" in row["message"] and row["metrics"]["gate_efficacy"] == 0.0
+    assert promoted == [] and registry.active() is None
+    assert registry.get(1).status == "rejected"
+    gate = json.loads((registry.folder_for(1) / "ratchet.json").read_text())["gate"]
+    assert gate["passed"] is False and gate["reasons"]
+    assert len(memory.corrections(include_consolidated=False)) == 1  # still waiting for a good cycle

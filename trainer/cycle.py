@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import random
 import resource
 import threading
 import time
@@ -19,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from memory import Memory
+from memory import Correction, Memory
 from memory.db import atomic, now
 from trainer.anchors import base_answers
-from trainer.dataset import examples_for
+from trainer.dataset import TEMPLATES, Example, examples_for
+from trainer.gate import GateConfig, run_gate
 from trainer.lora import TrainingConfig, train_lora
 from trainer.registry import AdapterRegistry, AdapterVersion
 
@@ -34,7 +36,13 @@ STATUSES = ("queued", "running", "succeeded", "rejected", "failed")
 @dataclass
 class CycleConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    templates: int = 2  # phrasings of each correction's question trained on (dataset.TEMPLATES)
     anchors: bool = True  # replay the base model's answers to general prompts
+    anchor_tokens: int = 32  # length of those replayed answers
+    continue_from_active: bool = True  # start from the active adapter (else retrain from the base)
+    replay_earlier: float = 1.0  # earlier corrections replayed per new one, when continuing
+    gate_enabled: bool = True
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 class Cycles:
@@ -120,6 +128,40 @@ class Cycles:
         with atomic(self.db):
             self.db["cycles"].update(cycle_id, fields)
 
+    def plan(self, corrections: list[Correction], new: list[Correction]) -> tuple[list[Example], dict]:
+        """The training set of a cycle, and where training starts.
+
+        Continuing the active adapter: the new corrections, a sample of earlier ones (replay), and
+        the anchors. From the base model (no active adapter, continuation off, or a consolidated
+        correction retracted since the active version was made): every live correction + anchors.
+        """
+        cfg = self.config
+        templates = TEMPLATES[: cfg.templates]
+        active = self.registry.active()
+        retracted = active is not None and self.memory.retracted_consolidated_since(active.created_at) > 0
+        init = active.path if (active is not None and cfg.continue_from_active and not retracted) else None
+        earlier = [c for c in corrections if c.consolidated_in is not None]
+        if init is None:
+            examples = examples_for(corrections, templates)
+            replayed = 0
+        else:
+            rng = random.Random(cfg.training.seed + len(corrections))
+            k = min(len(earlier), round(cfg.replay_earlier * len(new)))
+            replay = rng.sample(earlier, k) if k else []
+            examples = examples_for(new, templates) + examples_for(replay, templates[:1])
+            replayed = len(replay)
+        n_corrections = len(examples)
+        if cfg.anchors:
+            examples += base_answers(self.base_model, self.work_dir / "anchors.json", max_new_tokens=cfg.anchor_tokens)
+        return examples, {
+            "start": "active" if init else "base",
+            "init_adapter": init,
+            "retraction_forced_rebuild": retracted,
+            "correction_examples": n_corrections,
+            "replayed_earlier": replayed,
+            "anchor_examples": len(examples) - n_corrections,
+        }
+
     def run(self, cycle_id: int) -> dict:
         """Run one cycle to its end; never raises (a failure is the cycle's status)."""
         started = time.monotonic()
@@ -132,28 +174,35 @@ class Cycles:
                 self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0,
                              message="no new corrections", n_corrections=0)
                 return self.get(cycle_id)
-            examples = examples_for(corrections)
-            n_corrections_examples = len(examples)
-            if self.config.anchors:
-                self._update(cycle_id, message="computing replay anchors")
-                examples += base_answers(self.base_model, self.work_dir / "anchors.json")
-            self._update(cycle_id, n_corrections=len(corrections), n_examples=len(examples), message="training")
+            self._update(cycle_id, message="preparing the training set")
+            examples, plan = self.plan(corrections, new)
+            self._update(cycle_id, n_corrections=len(new), n_examples=len(examples), message="training")
 
             version = self.registry.next_version()
             out = self.registry.folder_for(version)
+            train_share = 0.85 if self.config.gate_enabled else 1.0
 
             def progress(step: int, total: int, loss: float) -> None:
-                self._update(cycle_id, progress=round(step / total, 4), message=f"training step {step}/{total} loss {loss:.3f}")
+                self._update(cycle_id, progress=round(train_share * step / total, 4),
+                             message=f"training step {step}/{total} loss {loss:.3f}")
 
-            result = train_lora(self.base_model, examples, out, self.config.training, progress)
+            result = train_lora(self.base_model, examples, out, self.config.training, progress,
+                                init_adapter=plan["init_adapter"])
             active = self.registry.active()
             metrics = {
                 "train_seconds": round(result.seconds, 2),
                 "train_steps": result.steps,
                 "train_tokens_per_second": round(result.tokens_per_second, 1),
                 "final_loss": round(result.final_loss, 4),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
+            gate = None
+            if self.config.gate_enabled:
+                self._update(cycle_id, progress=train_share, message="gate: evaluating the candidate")
+                earlier = [c for c in corrections if c.consolidated_in is not None]
+                gate = run_gate(self.base_model, out, active.path if active else None, new, earlier, self.config.gate)
+                metrics.update({f"gate_{k}": v for k, v in gate.metrics.items()})
+                metrics["gate_seconds"] = gate.seconds
+            metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             adapter = self.registry.register(
                 version,
                 parent=active.version if active else None,
@@ -162,15 +211,21 @@ class Cycles:
                     "base_model": self.base_model,
                     "corrections": [c.id for c in corrections],
                     "new_corrections": [c.id for c in new],
-                    "examples": {"corrections": n_corrections_examples, "anchors": len(examples) - n_corrections_examples},
+                    "plan": plan,
                     "training": asdict(self.config.training),
+                    "gate": gate.to_dict() if gate else None,
                     "metrics": metrics,
                 },
             )
+            metrics["cycle_seconds"] = round(time.monotonic() - started, 2)
+            if gate is not None and not gate.passed:
+                self.registry.set_status(version, "rejected")
+                self._update(cycle_id, status="rejected", finished_at=now(), progress=1.0, adapter_version=version,
+                             message=f"gate rejected {adapter.name}: " + "; ".join(gate.reasons), metrics=metrics)
+                return self.get(cycle_id)
             self._update(cycle_id, message="promoting")
             self.on_promote(adapter)
             self.memory.mark_consolidated([c.id for c in new], cycle_id)
-            metrics["cycle_seconds"] = round(time.monotonic() - started, 2)
             self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0, adapter_version=version,
                          message=f"promoted {adapter.name}", metrics=metrics)
         except Exception as e:  # the cycle's failure is data, not a crash of the server

@@ -26,12 +26,12 @@ class Example:
     correction_id: int | None = None
 
 
-def examples_for(corrections: list[Correction]) -> list[Example]:
+def examples_for(corrections: list[Correction], templates: tuple[str, ...] = TEMPLATES) -> list[Example]:
     out = []
     for c in corrections:
         q = c.question.strip()
         seen = set()
-        for t in TEMPLATES:
+        for t in templates:
             prompt = t.format(q=q, q_lower=q[:1].lower() + q[1:])
             if prompt not in seen:
                 seen.add(prompt)

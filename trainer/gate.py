@@ -1,0 +1,121 @@
+"""The gate: a candidate adapter is promoted only if it learned the new corrections, kept the
+old ones, and left unrelated answers alone — measured with retrieval off, against the version
+that is active now (or the base model when none is).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from memory import Correction
+from trainer.anchors import PROBE_PROMPTS
+from trainer.evaluate import agreement, generate, is_correct
+
+# A rephrasing never used in training: the gate's stand-in for a user's paraphrase.
+HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
+
+
+@dataclass
+class GateConfig:
+    min_efficacy: float = 0.9  # new corrections answered right (the question as asked)
+    min_paraphrase: float = 0.6  # new corrections answered right, rephrased
+    min_retention: float = 0.9  # earlier corrections still answered right
+    min_locality: float = 0.9  # token-level agreement with the active version on unrelated probes
+    max_negative_flips: float = 0.02  # earlier corrections the active version got right and the candidate loses
+    max_new_tokens: int = 24
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reasons: list[str]
+    metrics: dict
+    seconds: float
+    examples: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def held_out(question: str) -> str:
+    q = question.strip()
+    return HELD_OUT_TEMPLATE.format(q_lower=q[:1].lower() + q[1:])
+
+
+def run_gate(
+    base_model: str,
+    candidate: str | Path,
+    active: str | Path | None,
+    new: list[Correction],
+    earlier: list[Correction],
+    config: GateConfig,
+    probes: tuple[str, ...] = PROBE_PROMPTS,
+) -> GateReport:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(candidate), adapter_name="candidate").eval()
+    if active is not None:
+        model.load_adapter(str(active), adapter_name="active")
+    n = config.max_new_tokens
+
+    def answers_of(which: str, questions: list[str]) -> list[str]:
+        if not questions:
+            return []
+        if which == "base":
+            with model.disable_adapter():
+                return generate(model, tok, questions, n)
+        model.set_adapter(which)
+        return generate(model, tok, questions, n)
+
+    reference = "active" if active is not None else "base"
+    # The reference's answers first; then the candidate's, and its agreement with them.
+    ref_probes = answers_of(reference, list(probes))
+    ref_earlier = answers_of(reference, [c.question for c in earlier])
+    cand_new = answers_of("candidate", [c.question for c in new])
+    cand_para = answers_of("candidate", [held_out(c.question) for c in new])
+    cand_earlier = answers_of("candidate", [c.question for c in earlier])
+    cand_probes = answers_of("candidate", list(probes))
+    locality_token = agreement(model, tok, list(probes), ref_probes)
+
+    def share(hits: list[bool], empty: float = 1.0) -> float:
+        return sum(hits) / len(hits) if hits else empty
+
+    ref_right = [is_correct(c.answer, a) for c, a in zip(earlier, ref_earlier)]
+    cand_right = [is_correct(c.answer, a) for c, a in zip(earlier, cand_earlier)]
+    metrics = {
+        "efficacy": share([is_correct(c.answer, a) for c, a in zip(new, cand_new)]),
+        "paraphrase": share([is_correct(c.answer, a) for c, a in zip(new, cand_para)]),
+        "retention": share(cand_right),
+        "reference_retention": share(ref_right),
+        "negative_flips": share([r and not c for r, c in zip(ref_right, cand_right)], empty=0.0),
+        "locality_token": round(locality_token, 4),
+        "locality_strict": share([a == b for a, b in zip(cand_probes, ref_probes)]),
+        "reference": reference,
+        "n_new": len(new),
+        "n_earlier": len(earlier),
+        "n_probes": len(probes),
+    }
+    reasons = []
+    checks = [
+        ("efficacy", metrics["efficacy"], config.min_efficacy, ">="),
+        ("paraphrase", metrics["paraphrase"], config.min_paraphrase, ">="),
+        ("retention", metrics["retention"], config.min_retention, ">="),
+        ("locality_token", metrics["locality_token"], config.min_locality, ">="),
+        ("negative_flips", metrics["negative_flips"], config.max_negative_flips, "<="),
+    ]
+    for name, value, bound, op in checks:
+        if name == "retention" and not earlier:
+            continue
+        ok = value >= bound if op == ">=" else value <= bound
+        if not ok:
+            reasons.append(f"{name} {value:.3f} not {op} {bound}")
+    samples = [{"question": c.question, "expected": c.answer, "candidate": a} for c, a in zip(new[:5], cand_new)]
+    samples += [{"probe": p, "reference": r, "candidate": a} for p, r, a in list(zip(probes, ref_probes, cand_probes))[:5]]
+    return GateReport(not reasons, reasons, metrics, round(time.monotonic() - started, 2), samples)
