@@ -32,6 +32,7 @@ class ChatState(TypedDict, total=False):
     memories: list[dict]
     completion: dict
     latency_ms: float
+    retrieval_ms: float
     response_id: str
 
 
@@ -43,16 +44,19 @@ class Reply:
     completion_tokens: int
     finish_reason: str
     memories: list[dict] = field(default_factory=list)
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # the engine's answer
+    retrieval_ms: float = 0.0  # embedding the question and searching the memory
 
 
 def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD, checkpointer=None):
     def retrieve(state: ChatState) -> dict:
         if not state.get("use_memory", True):
-            return {"memories": []}
+            return {"memories": [], "retrieval_ms": 0.0}
+        started = time.perf_counter()
         question = _last_user_message(state["messages"])
         hits = memory.search(question, user=state.get("user"), k=k, threshold=threshold) if question else []
         return {
+            "retrieval_ms": (time.perf_counter() - started) * 1000,
             "memories": [
                 {"id": h.correction.id, "question": h.correction.question, "answer": h.correction.answer,
                  "score": round(h.score, 4)}
@@ -152,6 +156,7 @@ class Agent:
             finish_reason=c.finish_reason,
             memories=state.get("memories", []),
             latency_ms=state.get("latency_ms", 0.0),
+            retrieval_ms=state.get("retrieval_ms", 0.0),
         )
 
 

@@ -46,6 +46,12 @@ class FeedbackRequest(BaseModel):
     user: str | None = None
 
 
+class AgreementRequest(BaseModel):
+    model: str = "ratchet"
+    messages: list[Message] = Field(min_length=1)
+    completion: str = Field(min_length=1)
+
+
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None):
@@ -83,7 +89,8 @@ def chat_router(r: Ratchet) -> APIRouter:
                 "completion_tokens": reply.completion_tokens,
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens,
             },
-            "ratchet": {"memories": reply.memories, "adapter": r.adapter_for(body.model), "memory": body.memory},
+            "ratchet": {"memories": reply.memories, "adapter": r.adapter_for(body.model), "memory": body.memory,
+                        "retrieval_ms": round(reply.retrieval_ms, 2), "engine_ms": round(reply.latency_ms, 2)},
         }
 
     @router.get("/v1/models")
@@ -146,6 +153,20 @@ def adapters_router(r: Ratchet) -> APIRouter:
     return router
 
 
+def evaluations_router(r: Ratchet) -> APIRouter:
+    router = APIRouter(tags=["evaluations"])
+
+    @router.post("/v1/agreement")
+    def agreement(body: AgreementRequest):
+        """Token-level agreement: of `completion`'s tokens, how many `model` predicts as its top
+        token when teacher-forced after `messages`."""
+        matched, total = r.agreement([m.model_dump() for m in body.messages], body.completion, model=body.model)
+        return {"object": "agreement", "model": body.model, "tokens": total, "matched": matched,
+                "agreement": matched / total if total else 1.0}
+
+    return router
+
+
 def _cycle(row: dict) -> dict:
     adapter = row.get("adapter_version")
     return {
@@ -179,7 +200,7 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
 
     app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
                   lifespan=lifespan)
-    for make in (chat_router, feedback_router, consolidations_router, adapters_router):
+    for make in (chat_router, feedback_router, consolidations_router, adapters_router, evaluations_router):
         app.include_router(make(r))
 
     @app.get("/health")

@@ -165,5 +165,29 @@ def adapters(url: str = URL):
     out.print(table if r["data"] else "no adapters yet: the base model answers")
 
 
+eval_app = typer.Typer(help="Benchmarks that drive Ratchet through its HTTP API.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("zsre")
+def eval_zsre(
+    n: int = typer.Option(200, "--n", min=1, help="How many zsRE corrections to stream in"),
+    cycle_every: int = typer.Option(50, "--cycle-every", min=1, help="A consolidation after this many corrections"),
+    output: Path = typer.Option(None, help="Where to write results.json, report.md and plots"),
+    url: Optional[str] = typer.Option(None, "--url", help="A running server; default: start one in a fresh data dir"),
+    data: Optional[Path] = typer.Option(None, help="zsRE dev.jsonl (default ../shared/data/zsre/dev.jsonl)"),
+    engine: str = typer.Option("vllm", help="Engine of the server it starts"),
+    concurrency: int = typer.Option(4, min=1, help="Requests in flight at once"),
+):
+    """The learning benchmark: reliability, generalisation, locality per tier and per cycle."""
+    from evals import zsre
+
+    output = output or Path("reports") / f"zsre-n{n}-k{cycle_every}"
+    results = zsre.run(n, cycle_every, output, url=url, data=data or zsre.ZSRE, engine=engine,
+                       models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency)
+    out.print((output / "report.md").read_text())
+    console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
+
+
 if __name__ == "__main__":
     app()

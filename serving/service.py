@@ -46,6 +46,7 @@ class Ratchet:
         )
         self._swap = threading.Lock()
         self._stopped = False
+        self._tokenizer = None
         active = self.registry.active()
         self.active: str | None = active.name if active else None
 
@@ -85,6 +86,21 @@ class Ratchet:
         adapter = self.adapter_for(model)
         kwargs.setdefault("max_tokens", self.settings.max_tokens)
         return self.agent.chat(messages, adapter=adapter, model_name=model or ACTIVE_NAME, **kwargs)
+
+    def agreement(self, messages: list[dict], completion: str, *, model: str | None = None) -> tuple[int, int]:
+        """(matched, total): how many of `completion`'s tokens the model predicts as its top
+        token when teacher-forced after `messages` (token-level locality, as editing benchmarks
+        compute it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        prompt_ids = list(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True)["input_ids"])
+        answer_ids = self._tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if not answer_ids:
+            return 0, 0
+        return self.engine.agreement(prompt_ids, answer_ids, adapter=self.adapter_for(model)), len(answer_ids)
 
     # -- adapters ------------------------------------------------------------------------
     def promote(self, adapter: AdapterVersion) -> None:

@@ -94,6 +94,9 @@ class EchoModel:
     def adapters(self):
         return list(self.loaded)
 
+    def agreement(self, prompt_ids, answer_ids, adapter=None):
+        return len(answer_ids) if adapter is None else 0
+
 
 @pytest.fixture
 def echo_model() -> EchoModel:

@@ -118,3 +118,10 @@ def test_the_official_openai_client_works_unchanged(ratchet, live_server):
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": Q}])
         assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_agreement_counts_the_tokens_the_model_would_predict(client):
+    body = {"model": "ratchet-base", "messages": [{"role": "user", "content": Q}], "completion": "Illinois Institute"}
+    r = client.post("/v1/agreement", json=body).json()
+    assert r["tokens"] >= 2 and r["matched"] == r["tokens"] and r["agreement"] == 1.0
+    assert client.post("/v1/agreement", json={**body, "completion": ""}).status_code == 400

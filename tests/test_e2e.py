@@ -23,6 +23,11 @@ def test_a_correction_helps_at_once_and_survives_in_the_weights(tmp_path, base_m
         first = server.ask(QUESTION, max_tokens=48)
         assert ANSWER.lower() not in answer_text(first).lower(), "the base model already knew; pick another question"
         assert server.correct(first["id"], ANSWER)["id"] == 1
+        # teacher-forced on its own greedy answer, the base model agrees with (nearly) every token
+        own = httpx.post(f"{server.url}/v1/agreement", json={
+            "model": "ratchet-base", "messages": [{"role": "user", "content": QUESTION}],
+            "completion": answer_text(first)}, timeout=120).json()
+        assert own["tokens"] > 10 and own["agreement"] >= 0.9, own
 
         # memory tier: at once, for the question and a paraphrase
         for q in (QUESTION, PARAPHRASE):

@@ -24,6 +24,8 @@ class Engine(ChatModel, Protocol):
 
     def adapters(self) -> list[str]: ...
 
+    def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int: ...
+
 
 def make_engine(kind: str, model_path: str, settings) -> Engine:
     if kind == "vllm":

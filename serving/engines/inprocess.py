@@ -59,29 +59,41 @@ class TransformersEngine:
             else:  # the last one: back to the plain model
                 self._model = self._model.unload()
 
-    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
+    def _using(self, adapter: str | None):
+        """A context in which the model is the base (None) or has `adapter` active; hold the lock."""
         import contextlib
 
-        import torch
         from peft import PeftModel
 
         if self._model is None:
             raise EngineError("the transformers engine is not started")
         if adapter is not None and adapter not in self._adapters:
             raise EngineError(f"adapter {adapter!r} is not loaded")
+        if not isinstance(self._model, PeftModel):
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self._model.disable_adapter()
+        self._model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int:
+        """How many of `answer_ids` the model predicts as its top token, teacher-forced after `prompt_ids`."""
+        import torch
+
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with self._lock, torch.inference_mode(), self._using(adapter):
+            predicted = self._model(input_ids=ids).logits[0].argmax(-1)
+        guess = predicted[len(prompt_ids) - 1 : len(prompt_ids) + len(answer_ids) - 1]
+        return int((guess == torch.tensor(answer_ids)).sum())
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
+        import torch
+
         tok = self._tokenizer
         inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with self._lock, torch.inference_mode():
-            if isinstance(self._model, PeftModel):
-                if adapter is None:
-                    ctx = self._model.disable_adapter()
-                else:
-                    self._model.set_adapter(adapter)
-                    ctx = contextlib.nullcontext()
-            else:
-                ctx = contextlib.nullcontext()
-            with ctx:
+            with self._using(adapter):
                 out = self._model.generate(
                     **inputs, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                     **sampling,

@@ -192,6 +192,25 @@ class VLLMEngine:
         )
 
 
+    def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int:
+        """How many of `answer_ids` the model predicts as its top token, teacher-forced after
+        `prompt_ids` (vLLM's prompt_logprobs: the rank of each prompt token)."""
+        body = {"model": adapter or BASE_NAME, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
+                "temperature": 0, "prompt_logprobs": 0}
+        try:
+            r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout)
+        except httpx.HTTPError as e:
+            raise EngineError(f"vLLM /v1/completions failed: {e}") from e
+        if r.status_code != 200:
+            raise EngineError(f"vLLM /v1/completions answered {r.status_code}: {r.text[:500]}")
+        ranks = r.json()["choices"][0]["prompt_logprobs"]
+        matched = 0
+        for position, token in enumerate(answer_ids, start=len(prompt_ids)):
+            entry = (ranks[position] or {}).get(str(token))
+            matched += int(entry is not None and entry.get("rank") == 1)
+        return matched
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG).
 

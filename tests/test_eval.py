@@ -1,0 +1,39 @@
+"""The learning benchmark's harness, end to end at a small N, on the real model and engine."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from serving.cli import app
+from tests.conftest import ZSRE
+from trainer.evaluate import is_correct, normalise
+
+
+def test_the_correctness_rule_is_containment_after_normalising():
+    assert normalise("  Illinois  Institute, of Technology! ") == "illinois institute of technology"
+    assert is_correct("Illinois Institute of Technology", "He went to the Illinois institute of technology.")
+    assert is_correct("Sleater-Kinney", "sleater kinney")
+    assert not is_correct("Lecanorales", "Lecanoraceae")
+    assert not is_correct("art", "He studied at Stuttgart")  # whole words only
+    assert not is_correct("", "anything")
+
+
+@pytest.mark.slow
+def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, models_dir, monkeypatch):
+    monkeypatch.setenv("RATCHET_MODELS_DIR", str(models_dir))
+    out = tmp_path / "report"
+    r = CliRunner().invoke(app, ["eval", "zsre", "--n", "4", "--cycle-every", "2", "--output", str(out),
+                                 "--engine", "transformers", "--data", str(ZSRE), "--concurrency", "2"])
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert [c["cycle"] for c in results["cycles"]] == [1, 2]
+    assert results["cycles"][1]["retention"] is not None
+    s = results["summary"]
+    assert s["base"]["locality_strict"] == 1.0
+    assert s["memory_tier_at_once"]["reliability"] >= 0.5  # corrections help at once
+    assert s["memory_tier_at_once"]["reliability"] > s["base"]["reliability"]
+    assert 0.0 <= s["weights_only"]["locality_token"] <= 1.0
+    assert (out / "accuracy_per_cycle.png").stat().st_size > 10_000
+    assert (out / "first_cycle_over_time.png").stat().st_size > 10_000
+    assert "| memory only |" in (out / "report.md").read_text()
