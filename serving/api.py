@@ -105,7 +105,7 @@ def feedback_router(r: Ratchet) -> APIRouter:
 
     @router.post("/v1/feedback", status_code=201)
     def feedback(body: FeedbackRequest):
-        feedback_id = r.memory.record_feedback(
+        feedback_id = r.feedback(
             body.response_id, body.rating, comment=body.comment, correction=body.correction, user=body.user
         )
         return {"id": feedback_id, "object": "feedback", "response_id": body.response_id}
@@ -123,7 +123,9 @@ def consolidations_router(r: Ratchet) -> APIRouter:
 
     @router.get("/v1/consolidations")
     def consolidations():
-        return {"object": "list", "data": [_cycle(c) for c in r.cycles.list()]}
+        schedule = {"every": r.schedule.config.every, "after_corrections": r.schedule.config.after_corrections,
+                    "next_run": r.schedule.next_run()}
+        return {"object": "list", "schedule": schedule, "data": [_cycle(c) for c in r.cycles.list()]}
 
     @router.get("/v1/consolidations/{cycle_id}")
     def consolidation(cycle_id: int):

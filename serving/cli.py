@@ -37,6 +37,8 @@ def serve(
     port: int = typer.Option(None, help="Port (default 8000)"),
     data_dir: Optional[Path] = typer.Option(None, help="Where Ratchet keeps its database, index and adapters"),
     model: str = typer.Option(None, help="'embedded' (SmolLM2-135M-Instruct), an HF model id or a local folder"),
+    consolidate_every: Optional[str] = typer.Option(None, help="Consolidate on a schedule: 30m, 6h, 1d or a cron line"),
+    consolidate_after: Optional[int] = typer.Option(None, min=1, help="Consolidate once this many corrections wait"),
 ):
     """Start the server: the engine, memory, and the HTTP API."""
     import logging
@@ -47,7 +49,8 @@ def serve(
     from serving.service import Ratchet
     from serving.settings import Settings
 
-    settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model)
+    settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model,
+                             consolidate_every=consolidate_every, consolidate_after=consolidate_after)
     if not _is_loopback(settings.host):
         console.print(f"[red]refusing to listen on {settings.host}: no API keys are configured, "
                       "so Ratchet serves loopback (127.0.0.1) only[/red]")
@@ -55,7 +58,11 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     console.print(f"ratchet: data in {settings.data_dir}; starting the {settings.engine} engine ...")
     started = time.monotonic()
-    ratchet = Ratchet(settings)
+    try:
+        ratchet = Ratchet(settings)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
     ratchet.start()
     console.print(f"ratchet: engine ready in {time.monotonic() - started:.0f} s; "
                   f"serving http://{settings.host}:{settings.port} (loopback only: no API keys configured)")

@@ -14,6 +14,7 @@ from serving.settings import Settings
 from trainer.base_model import resolve_model
 from trainer.cycle import Cycles
 from trainer.registry import AdapterRegistry, AdapterVersion
+from trainer.schedule import Schedule
 
 log = logging.getLogger("ratchet")
 
@@ -44,6 +45,7 @@ class Ratchet:
         self.cycles = Cycles(
             self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir, on_promote=self.promote
         )
+        self.schedule = Schedule(self.cycles, settings.schedule)
         self._swap = threading.Lock()
         self._stopped = False
         self._tokenizer = None
@@ -56,11 +58,13 @@ class Ratchet:
         active = self.registry.active()
         if active is not None:
             self.engine.load_adapter(active.name, active.path)
+        self.schedule.start()
 
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self.schedule.stop()
         self.engine.stop()
         self.memory.close()
         self._threads_db.close()
@@ -86,6 +90,14 @@ class Ratchet:
         adapter = self.adapter_for(model)
         kwargs.setdefault("max_tokens", self.settings.max_tokens)
         return self.agent.chat(messages, adapter=adapter, model_name=model or ACTIVE_NAME, **kwargs)
+
+    def feedback(self, response_id: str, rating: int, *, comment=None, correction=None, user=None) -> int:
+        """Record feedback (committed when this returns); a correction may trigger a cycle."""
+        feedback_id = self.memory.record_feedback(response_id, rating, comment=comment, correction=correction,
+                                                  user=user)
+        if correction:
+            self.schedule.on_correction()
+        return feedback_id
 
     def agreement(self, messages: list[dict], completion: str, *, model: str | None = None) -> tuple[int, int]:
         """(matched, total): how many of `completion`'s tokens the model predicts as its top

@@ -13,6 +13,7 @@ from memory.store import RELEVANCE_THRESHOLD
 from serving.engines.vllm import VLLMOptions
 from trainer.base_model import EMBEDDED
 from trainer.cycle import CycleConfig
+from trainer.schedule import ScheduleConfig
 
 
 def default_data_dir() -> Path:
@@ -32,6 +33,7 @@ class Settings:
     max_tokens: int = 256  # default completion length
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     cycle: CycleConfig = field(default_factory=CycleConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).expanduser()
@@ -49,8 +51,10 @@ class Settings:
             "port": _int(os.environ.get("RATCHET_PORT")),
             "memory_threshold": _float(os.environ.get("RATCHET_MEMORY_THRESHOLD")),
         }
+        every = overrides.pop("consolidate_every", None) or os.environ.get("RATCHET_CONSOLIDATE_EVERY")
+        after = overrides.pop("consolidate_after", None) or _int(os.environ.get("RATCHET_CONSOLIDATE_AFTER"))
         values = {k: v for k, v in {**env, **overrides}.items() if v is not None}
-        return cls(**values)
+        return cls(**values, schedule=ScheduleConfig(every=every, after_corrections=after))
 
 
 def _int(v: str | None) -> int | None:

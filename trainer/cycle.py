@@ -78,6 +78,10 @@ class Cycles:
         self._ensure_worker()
         return cycle_id
 
+    def busy(self) -> bool:
+        """Is a cycle queued or running?"""
+        return self.db.execute("select count(*) from cycles where status in ('queued', 'running')").fetchone()[0] > 0
+
     def get(self, cycle_id: int) -> dict:
         rows = list(self.db["cycles"].rows_where("id = ?", [cycle_id]))
         if not rows:
