@@ -104,15 +104,16 @@ PROBE_PROMPTS = (
 def base_answers(base_model: str, cache: Path, prompts=GENERAL_PROMPTS, max_new_tokens: int = 32) -> list[Example]:
     """The base model's greedy answers to `prompts`, computed once and cached in `cache`."""
     cached = json.loads(cache.read_text()) if cache.exists() else {}
-    key = f"{base_model}|{max_new_tokens}"
+    key = f"{base_model}|{max_new_tokens}|v2"
     if key not in cached or set(cached[key]) != set(prompts):
         cached[key] = dict(zip(prompts, _generate(base_model, list(prompts), max_new_tokens)))
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(cached, indent=2))
-    return [Example(p, a) for p, a in cached[key].items()]
+    # A cut-off answer is trained without an end of turn, so replay does not teach stopping early.
+    return [Example(p, a["text"], complete=a["complete"]) for p, a in cached[key].items()]
 
 
-def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[str]:
+def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,5 +128,8 @@ def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    new = out[:, batch["input_ids"].shape[1] :]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return [{"text": tokenizer.decode(row, skip_special_tokens=True).strip(),
+             "complete": any(int(t) in eos for t in row)} for row in new]

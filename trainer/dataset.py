@@ -24,6 +24,7 @@ class Example:
     prompt: str
     answer: str
     correction_id: int | None = None
+    complete: bool = True  # False: a truncated answer, trained without an end of turn
 
 
 def examples_for(corrections: list[Correction], templates: tuple[str, ...] = TEMPLATES) -> list[Example]:
@@ -46,7 +47,8 @@ def encode(tokenizer, example: Example, max_len: int) -> dict:
     )
     if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
         prompt_ids = prompt_ids["input_ids"]
-    answer_ids = tokenizer(example.answer + _end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    end = _end_of_turn(tokenizer) if example.complete else ""
+    answer_ids = tokenizer(example.answer + end, add_special_tokens=False)["input_ids"]
     ids = (list(prompt_ids) + list(answer_ids))[:max_len]
     labels = ([-100] * len(prompt_ids) + list(answer_ids))[:max_len]
     return {"input_ids": ids, "labels": labels}

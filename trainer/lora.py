@@ -71,11 +71,15 @@ def train_lora(
     else:
         n_layers = model.config.num_hidden_layers
         first = int(n_layers * config.layers_from)
+        targets = config.target_modules
+        if first and targets == "all-linear":  # PEFT takes layers_to_transform only with named modules
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
         lora = LoraConfig(
             r=config.r,
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
-            target_modules=config.target_modules,
+            target_modules=targets,
             layers_to_transform=list(range(first, n_layers)) if first else None,
             task_type="CAUSAL_LM",
         )
