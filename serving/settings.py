@@ -30,6 +30,7 @@ class Settings:
     memory_k: int = 3  # corrections put into a prompt at most
     memory_threshold: float = RELEVANCE_THRESHOLD  # cosine similarity a correction needs to be retrieved
     max_tokens: int = 256  # default completion length
+    monitor_interval: float = 2.0  # seconds between checks that the engine is alive; 0: no monitor
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     cycle: CycleConfig = field(default_factory=CycleConfig)
 

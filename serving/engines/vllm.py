@@ -31,6 +31,7 @@ class VLLMOptions:
     threads_bind: str = ""  # VLLM_CPU_OMP_THREADS_BIND; "": all cores, "0-1" style
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE, whole GiB
     max_model_len: int = 2048
+    enable_lora: bool = True  # False: a plain model (e.g. a merged checkpoint), no runtime adapters
     max_loras: int = 4
     max_lora_rank: int = 16
     startup_timeout: float = 600.0
@@ -65,9 +66,8 @@ class VLLMEngine:
             "--port", str(self.port),
             "--dtype", o.dtype,
             "--max-model-len", str(o.max_model_len),
-            "--enable-lora",
-            "--max-loras", str(o.max_loras),
-            "--max-lora-rank", str(o.max_lora_rank),
+            *(["--enable-lora", "--max-loras", str(o.max_loras), "--max-lora-rank", str(o.max_lora_rank)]
+              if o.enable_lora else []),
             *o.extra_args,
         ]
 
@@ -120,8 +120,12 @@ class VLLMEngine:
         self.stop()
         raise EngineError(f"vLLM was not ready after {self.options.startup_timeout:.0f} s{self._log_tail()}")
 
+    def alive(self) -> bool:
+        """Its process is running (it may still be starting)."""
+        return self.process is not None and self.process.poll() is None
+
     def healthy(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
+        if not self.alive():
             return False
         try:
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
@@ -129,17 +133,27 @@ class VLLMEngine:
             return False
 
     def stop(self) -> None:
+        """End vLLM and everything in its process group, also when the server itself already died
+        (a killed API server leaves its engine-core child behind in the group)."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(proc.pid):
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    def restart(self) -> None:
+        """After a crash: stop what is left, start again; the adapters it had are loaded again."""
+        self.stop()
+        self.start()
 
     def _log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -172,6 +186,41 @@ class VLLMEngine:
             raise EngineError(f"vLLM {route} answered {r.status_code}: {r.text[:500]}")
 
     # -- chat ----------------------------------------------------------------------------
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        import openai
+
+        if self._client is None:
+            raise EngineError("the vLLM engine is not started")
+        pieces, finish, usage = [], "stop", None
+        try:
+            chunks = self._client.chat.completions.create(
+                model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                stream=True, stream_options={"include_usage": True},
+            )
+            for chunk in chunks:
+                if chunk.usage:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        if not pieces:  # as `complete` does, no leading whitespace
+                            text = choice.delta.content.lstrip()
+                            if not text:
+                                continue
+                        else:
+                            text = choice.delta.content
+                        pieces.append(text)
+                        yield text
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except openai.APIError as e:
+            raise EngineError(f"vLLM: {e}") from e
+        yield Completion(
+            text="".join(pieces).strip(),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=finish,
+        )
+
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
         import openai
 
@@ -204,6 +253,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _free_port() -> int:
