@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from memory.store import LOCAL_USER, UnknownResponse
-from serving.auth import OPEN, Caller
+from serving.auth import OPEN, Caller, is_loopback
 from serving.engines import EngineError
 from serving.service import EngineUnavailable, NotServable, Ratchet, UnknownAdapter, UnknownModel
 
@@ -64,10 +64,11 @@ class OpenAIError(Exception):
 
 # -- auth ----------------------------------------------------------------------------------
 def authenticate(r: Ratchet):
-    """The dependency that names the caller: open when no key exists, else a live Bearer key."""
+    """The dependency that names the caller: open on loopback when no live key exists, else a
+    live Bearer key (a server on a public address never opens up, even with every key revoked)."""
 
     def caller(request: Request) -> Caller:
-        if not r.keys.any_live():
+        if not r.keys.any_live() and is_loopback(r.settings.host):
             return OPEN
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

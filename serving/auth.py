@@ -7,6 +7,7 @@ With no live key the server is open (and listens on loopback only); once a key e
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from dataclasses import dataclass
 
@@ -46,6 +47,15 @@ class Caller:
 
 
 OPEN = Caller(user=None, role="admin")  # no keys configured: loopback only, everything allowed
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def digest(token: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from pathlib import Path
@@ -25,15 +24,6 @@ keys_app = typer.Typer(help="API keys: made, listed and revoked on the data dire
 app.add_typer(keys_app, name="keys")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @app.command()
 def serve(
     engine: str = typer.Option(None, help="vllm (default) or transformers"),
@@ -48,12 +38,13 @@ def serve(
     import uvicorn
 
     from serving.api import create_app
+    from serving.auth import is_loopback
     from serving.service import Ratchet
     from serving.settings import Settings
 
     settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model)
     keyed = _keys(settings.data_dir).any_live()
-    if not keyed and not _is_loopback(settings.host):
+    if not keyed and not is_loopback(settings.host):
         console.print(f"[red]refusing to listen on {settings.host}: no API keys are configured, "
                       "so Ratchet serves loopback (127.0.0.1) only; make one with `ratchet keys create`[/red]")
         raise typer.Exit(2)

@@ -238,6 +238,7 @@ class Ratchet:
             with self._changed:  # the switch: new requests get the new version from here on
                 previous, self.active = self.active, adapter.name if adapter else None
                 self.registry.activate(adapter.version if adapter else None)
+                self._changed.notify_all()
             # Keep the previous version loaded for a quick rollback; unload older ones once the
             # requests still running on them are done.
             keep = {self.active, previous}
