@@ -22,10 +22,11 @@ PROMPTS = [
 ]
 
 CONFIGS = {
-    "default": {"max_loras": 4, "extra_args": []},  # what Ratchet shipped with
-    "one-lora": {"max_loras": 1, "extra_args": ["--max-cpu-loras", "1"]},
-    "one-lora-eager": {"max_loras": 1, "extra_args": ["--max-cpu-loras", "1", "--enforce-eager"]},
-    "fully-sharded": {"max_loras": 1, "extra_args": ["--fully-sharded-loras"]},
+    "default": {"max_loras": 4, "max_cpu_loras": 4},  # what the walking skeleton shipped with
+    "one-lora": {"max_loras": 1, "max_cpu_loras": 1},
+    "one-lora-cpu4": {"max_loras": 1, "max_cpu_loras": 4},  # Ratchet's default now: several kept warm in RAM
+    "one-lora-eager": {"max_loras": 1, "max_cpu_loras": 1, "extra_args": ["--enforce-eager"]},
+    "fully-sharded": {"max_loras": 1, "max_cpu_loras": 1, "extra_args": ["--fully-sharded-loras"]},
     "merged": {"enable_lora": False},  # the adapter merged into the weights, served as a plain model
 }
 

