@@ -198,13 +198,27 @@ def tokens_per_second(gateway: str, model: str, max_tokens: int) -> dict:
     return {"tokens_per_second": round(tokens / seconds, 2), "completion_tokens": tokens}
 
 
+def wait_for_lane(gateway: str, timeout: float = 400) -> float | None:
+    """With a merged lane: seconds until the active adapter's lane serves (None: no lanes)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        health = httpx.get(f"{gateway}/health", timeout=10).json()
+        if "merged_lanes" not in health:
+            return None
+        if health["active"] in health["merged_lanes"]:
+            return round(time.perf_counter() - started, 1)
+        time.sleep(2)
+    raise TimeoutError("the merged lane did not come up")
+
+
 def report(result: dict) -> str:
     o1, o8 = result["overhead"]
     s = result["swaps"]
     t = result["tokens_per_second"]
     lines = [
         "# Serving benchmark", "",
-        f"vLLM options: `{result['vllm_options']}`; machine: {os.cpu_count()} cores. Latency in seconds.", "",
+        f"vLLM options: `{result['vllm_options']}`; merged lane: {result['merged_lane']}; "
+        f"machine: {os.cpu_count()} cores. Latency in seconds.", "",
         "## Gateway overhead (same requests, straight to vLLM vs through Ratchet, `ratchet-base`, memory off)", "",
         "| clients | direct p50 | gateway p50 | direct mean | gateway mean | gateway/direct (mean) | (p50) | failed |",
         "|---|---|---|---|---|---|---|---|",
@@ -243,25 +257,28 @@ def main() -> None:
     base_model = resolve_model(settings.model, settings.models_dir)
     vllm_port = free_port()
     os.environ["RATCHET_VLLM_PORT"] = str(vllm_port)  # to reach the engine directly, from here only
-    result: dict = {"vllm_options": Settings.load().vllm.__dict__}
+    result: dict = {"vllm_options": Settings.load().vllm.__dict__, "merged_lane": settings.merged_lane}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
         seed_adapters(data, base_model, versions=3)
         with RatchetServer(data, engine="vllm", models_dir=settings.models_dir) as server:
             direct = f"http://127.0.0.1:{vllm_port}"
+            result["lane_ready_s"] = [wait_for_lane(server.url)]
             overhead(server.url, direct, 2, 1, args.max_tokens)  # warm-up
             result["overhead"] = [overhead(server.url, direct, c, args.rounds, args.max_tokens) for c in (1, 8)]
             print(json.dumps(result["overhead"]), flush=True)
             result["swaps"] = swaps_under_load(server.url, args.swap_clients, 5, args.max_tokens, args.settle)
             print(json.dumps(result["swaps"]), flush=True)
+            result["lane_ready_s"].append(wait_for_lane(server.url))
             result["tokens_per_second"] = {"base": tokens_per_second(server.url, "ratchet-base", 96),
                                            "adapter": tokens_per_second(server.url, "ratchet", 96)}
         result["left_running"] = server.left_running
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(result, indent=2))
-    (out / "serving.md").write_text(report(result))
+    name = "serving-merged-lane" if settings.merged_lane else "serving"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(report(result))
     print(report(result))
 
 

@@ -141,6 +141,13 @@ def _usage(reply) -> dict:
 
 def _sse(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
     """Server-sent events as OpenAI streams them: chat.completion.chunk objects, then [DONE]."""
+    try:
+        yield from _chunks(response_id, model, adapter, pieces, include_usage)
+    finally:  # also when the client went away: the adapter is released
+        pieces.close()
+
+
+def _chunks(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
     created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -299,6 +306,8 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     def health():
         body = {"status": "ok" if r.ready else "restarting", "engine": r.engine.name, "active": r.active,
                 "restarts": r.restarts, "auth": r.keys.any_live()}
+        if hasattr(r.engine, "lanes"):
+            body["merged_lanes"] = r.engine.lanes
         return JSONResponse(status_code=200 if r.ready else 503, content=body)
 
     def error(status: int, message: str, type: str, code=None, param=None) -> JSONResponse:

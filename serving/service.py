@@ -191,15 +191,9 @@ class Ratchet:
         response_id = new_response_id()
         holding = self._holding(model)
         adapter = holding.__enter__()
-
-        def pieces():
-            try:
-                yield from self.agent.stream(messages, adapter=adapter, model_name=model or ACTIVE_NAME,
-                                             response_id=response_id, **kwargs)
-            finally:
-                holding.__exit__(None, None, None)
-
-        return response_id, adapter, pieces()
+        pieces = self.agent.stream(messages, adapter=adapter, model_name=model or ACTIVE_NAME,
+                                   response_id=response_id, **kwargs)
+        return response_id, adapter, _Held(pieces, lambda: holding.__exit__(None, None, None))
 
     # -- adapters ------------------------------------------------------------------------
     def promote(self, adapter: AdapterVersion) -> None:
@@ -266,3 +260,33 @@ class Ratchet:
             self.engine.unload_adapter(name)
         except EngineError:
             log.warning("could not unload %s", name, exc_info=True)
+
+
+class _Held:
+    """A stream that holds its adapter until it is exhausted, closed or dropped — also when it
+    never started (a generator's own `finally` would not run then)."""
+
+    def __init__(self, pieces: Iterator, release):
+        self._pieces, self._release, self._lock = pieces, release, threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._pieces)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            try:
+                self._pieces.close()
+            finally:
+                release()
+
+    def __del__(self):
+        self.close()

@@ -196,3 +196,14 @@ def test_a_dead_engine_is_restarted_and_requests_meanwhile_get_503(client, ratch
     assert ratchet.ready and ratchet.restarts == 1 and echo_model.restarts == 1
     assert ask(client)["ratchet"]["adapter"] == "ratchet-v1"
     assert client.get("/health").json()["restarts"] == 1
+
+
+def test_a_stream_dropped_before_it_starts_releases_its_adapter(ratchet):
+    ratchet.promote(add_version(ratchet, 1))
+    _, adapter, pieces = ratchet.chat_stream([{"role": "user", "content": Q}])
+    assert adapter == "ratchet-v1" and ratchet.inflight() == {"ratchet-v1": 1}
+    pieces.close()  # the client went away before the first piece
+    assert ratchet.inflight() == {}
+    _, _, pieces = ratchet.chat_stream([{"role": "user", "content": Q}])
+    assert [p for p in pieces if isinstance(p, str)] == ["I", " do", " not", " know"]
+    assert ratchet.inflight() == {}
