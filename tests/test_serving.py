@@ -207,3 +207,23 @@ def test_a_stream_dropped_before_it_starts_releases_its_adapter(ratchet):
     _, _, pieces = ratchet.chat_stream([{"role": "user", "content": Q}])
     assert [p for p in pieces if isinstance(p, str)] == ["I", " do", " not", " know"]
     assert ratchet.inflight() == {}
+
+
+def test_the_cli_activates_and_rolls_back(ratchet, live_server):
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    for n in (1, 2):
+        ratchet.promote(add_version(ratchet, n))
+    runner = CliRunner()
+    with live_server(create_app(ratchet)) as server:
+        r = runner.invoke(app, ["adapters", "activate", "1", "--url", server.url])
+        assert r.exit_code == 0 and "active: ratchet-v1" in r.stdout
+        assert ratchet.active == "ratchet-v1"
+        r = runner.invoke(app, ["adapters", "rollback", "--url", server.url])
+        assert r.exit_code == 0 and "ratchet-base" in r.stdout and ratchet.active is None
+        r = runner.invoke(app, ["adapters", "activate", "7", "--url", server.url])
+        assert r.exit_code == 1 and "404" in r.output
+        r = runner.invoke(app, ["adapters", "--url", server.url])
+        assert r.exit_code == 0 and "ratchet-v2" in r.stdout
