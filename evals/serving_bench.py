@@ -111,7 +111,9 @@ def overhead(gateway: str, direct: str, clients: int, rounds: int, max_tokens: i
 
 
 # -- 2. swaps under load -------------------------------------------------------------------
-def swaps_under_load(gateway: str, clients: int, swaps: int, max_tokens: int, settle: float) -> dict:
+def swaps_under_load(gateway: str, clients: int, swaps: int, max_tokens: int, settle: float,
+                     baseline: float) -> dict:
+    """The load alone for `baseline` seconds, then `swaps` activations `settle` seconds apart."""
     stop = threading.Event()
     records: list[dict] = []
     lock = threading.Lock()
@@ -155,9 +157,10 @@ def swaps_under_load(gateway: str, clients: int, swaps: int, max_tokens: int, se
                                     "stream": stream, "error": error, "adapter": adapter})
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    loaded = time.perf_counter()
     for t in threads:
         t.start()
-    time.sleep(settle)
+    time.sleep(baseline)
     began = time.perf_counter()
     swap_log = []
     with httpx.Client() as http:
@@ -165,19 +168,23 @@ def swaps_under_load(gateway: str, clients: int, swaps: int, max_tokens: int, se
             version = [2, 3, 1, 2, 3, 1][k % 6]
             started = time.perf_counter()
             r = http.post(f"{gateway}/v1/adapters/{version}/activate", timeout=600)
+            body = r.json() if r.status_code == 200 else {}
             swap_log.append({"to": f"ratchet-v{version}", "status": r.status_code,
-                             "seconds": round(time.perf_counter() - started, 3)})
+                             "seconds": round(time.perf_counter() - started, 3),
+                             "switched_in_s": body.get("switched_in_s"), "drained_in_s": body.get("drained_in_s")})
             time.sleep(settle)
     ended = time.perf_counter()
     stop.set()
     for t in threads:
         t.join()
     during = [x for x in records if x["t"] >= began and x["t"] - x["latency_s"] <= ended]  # overlapping the swaps
+    before = [x for x in records if x["t"] < began and x["t"] - x["latency_s"] >= loaded]
     failures = [x for x in records if x["error"]]
     return {
         "clients": clients, "swaps": swap_log, "requests": len(records), "requests_during_swaps": len(during),
         "failed": len(failures), "failures": [x["error"] for x in failures[:10]],
         "latency": summary([x["latency_s"] for x in during]),
+        "baseline": summary([x["latency_s"] for x in before]) if before else None,
         "adapters_seen": sorted({str(x["adapter"]) for x in records}),
     }
 
@@ -232,7 +239,10 @@ def report(result: dict) -> str:
         f"- requests: {s['requests']} in all, {s['requests_during_swaps']} during the swaps; "
         f"**failed: {s['failed']}**",
         f"- latency during the swaps: p50 {s['latency']['p50_s']} s, p99 {s['latency']['p99_s']} s",
-        "- swaps: " + ", ".join(f"{x['to']} ({x['status']}, {x['seconds']} s)" for x in s["swaps"]),
+        "- swaps (HTTP status; pointer switched after, s; old versions drained and unloaded after, s): "
+        + ", ".join(f"{x['to']} ({x['status']}; {x.get('switched_in_s')}; {x.get('drained_in_s')})" for x in s["swaps"]),
+        f"- the same load without swaps: p50 {s['baseline']['p50_s']} s, p99 {s['baseline']['p99_s']} s "
+        f"({s['baseline']['n']} requests)" if s.get("baseline") else "",
         f"- adapters that answered: {', '.join(s['adapters_seen'])}",
         "", "## Tokens/s, one request at a time, through Ratchet", "",
         f"- base (`ratchet-base`): {t['base']['tokens_per_second']} tok/s",
@@ -250,7 +260,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds per concurrency level in the overhead test")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--swap-clients", type=int, default=4)
-    ap.add_argument("--settle", type=float, default=4.0, help="seconds of load before, between and after swaps")
+    ap.add_argument("--settle", type=float, default=4.0, help="seconds of load between and after swaps")
+    ap.add_argument("--baseline", type=float, default=40.0, help="seconds of the same load before the swaps")
     ap.add_argument("--output", default="reports")
     args = ap.parse_args()
     settings = Settings.load()
@@ -268,7 +279,8 @@ def main() -> None:
             overhead(server.url, direct, 2, 1, args.max_tokens)  # warm-up
             result["overhead"] = [overhead(server.url, direct, c, args.rounds, args.max_tokens) for c in (1, 8)]
             print(json.dumps(result["overhead"]), flush=True)
-            result["swaps"] = swaps_under_load(server.url, args.swap_clients, 5, args.max_tokens, args.settle)
+            result["swaps"] = swaps_under_load(server.url, args.swap_clients, 5, args.max_tokens, args.settle,
+                                              args.baseline)
             print(json.dumps(result["swaps"]), flush=True)
             result["lane_ready_s"].append(wait_for_lane(server.url))
             result["tokens_per_second"] = {"base": tokens_per_second(server.url, "ratchet-base", 96),

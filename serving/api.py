@@ -224,7 +224,8 @@ def adapters_router(r: Ratchet, caller) -> APIRouter:
     @router.post("/v1/adapters/rollback")
     def rollback():
         target = r.rollback()
-        return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target) if target else None}
+        return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target) if target else None,
+                **r.last_switch}
 
     @router.post("/v1/adapters/{version}/activate")
     def activate(version: str):
@@ -232,7 +233,7 @@ def adapters_router(r: Ratchet, caller) -> APIRouter:
         if not number.isdigit():
             raise OpenAIError(404, f"no adapter {version!r}", code="adapter_not_found", param="version")
         target = r.activate(int(number))
-        return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target)}
+        return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target), **r.last_switch}
 
     return router
 

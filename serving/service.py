@@ -13,6 +13,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -77,6 +78,7 @@ class Ratchet:
         self._ready = threading.Event()  # the engine answers; cleared while it restarts
         self._monitor: threading.Thread | None = None
         self.restarts = 0
+        self.last_switch: dict = {}
         active = self.registry.active()
         self.active: str | None = active.name if active else None
 
@@ -226,7 +228,9 @@ class Ratchet:
             self._switch(target)
             return self.registry.get(target.version) if target else None
 
-    def _switch(self, adapter: AdapterVersion | None) -> None:
+    def _switch(self, adapter: AdapterVersion | None) -> dict:
+        """Returns how long it took: to load the new version, to switch, to drain and unload old ones."""
+        started = time.perf_counter()
         with self._swap:
             if adapter is not None:
                 self.engine.load_adapter(adapter.name, adapter.path)  # under its own name, beside the old
@@ -234,6 +238,7 @@ class Ratchet:
                 previous, self.active = self.active, adapter.name if adapter else None
                 self.registry.activate(adapter.version if adapter else None)
                 self._changed.notify_all()
+            switched = time.perf_counter()
             self._follow(adapter)
             # Keep the previous version loaded for a quick rollback; unload older ones once the
             # requests still running on them are done.
@@ -241,7 +246,10 @@ class Ratchet:
             for name in self.engine.adapters():
                 if name not in keep:
                     self._unload_when_idle(name)
-        log.info("active adapter: %s (was %s)", self.active or BASE_NAME, previous or BASE_NAME)
+        self.last_switch = {"switched_in_s": round(switched - started, 3),
+                            "drained_in_s": round(time.perf_counter() - switched, 3)}
+        log.info("active adapter: %s (was %s) %s", self.active or BASE_NAME, previous or BASE_NAME, self.last_switch)
+        return self.last_switch
 
     def _follow(self, adapter: AdapterVersion | None) -> None:
         """Tell an engine with a merged lane (serving/engines/lanes.py) which adapter is active."""
