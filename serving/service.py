@@ -100,9 +100,10 @@ class Ratchet:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=self.settings.vllm.startup_timeout)
         self._ready.clear()
+        self.engine.stop()  # first: a restart under way in the monitor then fails at once
+        if self._monitor is not None:
+            self._monitor.join(timeout=60)
         self.engine.stop()
         self.memory.close()
         self._threads_db.close()

@@ -227,3 +227,23 @@ def test_the_cli_activates_and_rolls_back(ratchet, live_server):
         assert r.exit_code == 1 and "404" in r.output
         r = runner.invoke(app, ["adapters", "--url", server.url])
         assert r.exit_code == 0 and "ratchet-v2" in r.stdout
+
+
+def test_stopping_during_a_restart_ends_the_restart(tmp_path, tiny_model, echo_model, monkeypatch):
+    r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model, monitor_interval=0.05), engine=echo_model)
+    r.start()
+    ended = threading.Event()
+    restarting = threading.Event()
+
+    def hanging_restart():  # as vLLM's start(): waits until ready, or until its process is ended
+        restarting.set()
+        if not ended.wait(30):
+            raise AssertionError("stop() did not end the starting engine")
+        raise RuntimeError("the engine was stopped while starting")
+
+    monkeypatch.setattr(echo_model, "restart", hanging_restart)
+    monkeypatch.setattr(echo_model, "stop", ended.set)
+    echo_model.running = False
+    assert restarting.wait(10)
+    r.stop()
+    assert ended.is_set() and not r._monitor.is_alive() and r.restarts == 0

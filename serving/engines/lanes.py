@@ -58,6 +58,8 @@ class MergedLanes:
         self._wanted: str | None = None
         self._jobs: queue.Queue = queue.Queue()
         self._builder: threading.Thread | None = None
+        self._starting: VLLMEngine | None = None  # a lane being started, so that stop() can end it
+        self._stopping = False
 
     # -- what a lane serves --------------------------------------------------------------
     @property
@@ -90,12 +92,20 @@ class MergedLanes:
                 merged = merge_adapter(self.base_model, path, self.work_dir / adapter)
                 lane = VLLMEngine(str(merged), self.options,
                                   log_path=self.log_dir / f"vllm-lane-{adapter}.log" if self.log_dir else None)
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._starting = lane
                 lane.start()
             except Exception:
-                log.exception("the merged lane for %s failed to start; the LoRA engine serves it", adapter)
+                if not self._stopping:
+                    log.exception("the merged lane for %s failed to start; the LoRA engine serves it", adapter)
                 continue
+            finally:
+                with self._cond:
+                    self._starting = None
             with self._cond:
-                if self._wanted == adapter:
+                if self._wanted == adapter and not self._stopping:
                     self._lanes[adapter] = lane
                     lane = None
             if lane is not None:  # the active adapter changed while this one was starting
@@ -135,9 +145,14 @@ class MergedLanes:
         self._builder.start()
 
     def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            starting = self._starting
+        if starting is not None:  # its start() then fails at once
+            starting.stop()
         self._jobs.put(None)
         if self._builder is not None:
-            self._builder.join(timeout=self.options.startup_timeout)
+            self._builder.join(timeout=60)
         with self._cond:
             lanes, self._lanes = list(self._lanes.values()), {}
         for lane in lanes:

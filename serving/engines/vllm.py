@@ -116,7 +116,7 @@ class VLLMEngine:
             log = subprocess.DEVNULL
         # Its own process group, so that stop() ends vLLM's engine-core children too; and told
         # to end when this process dies, so that a killed Ratchet leaves no orphan behind.
-        self.process = subprocess.Popen(
+        proc = self.process = subprocess.Popen(
             self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -124,15 +124,16 @@ class VLLMEngine:
         self._client = openai.OpenAI(
             base_url=f"{self.url}/v1", api_key="local", timeout=self.options.request_timeout, max_retries=0
         )
-        self._wait_ready()
+        self._wait_ready(proc)
         for name, path in list(self._adapters.items()):  # after a restart, the adapters it had
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, proc: subprocess.Popen) -> None:
+        """Until vLLM answers /health; an error if it exits first (or `stop()` ends it meanwhile)."""
         deadline = time.monotonic() + self.options.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EngineError(f"vLLM exited with code {self.process.returncode} while starting{self._log_tail()}")
+            if proc.poll() is not None or self.process is not proc:
+                raise EngineError(f"vLLM exited with code {proc.returncode} while starting{self._log_tail()}")
             if self.healthy():
                 return
             time.sleep(0.5)
