@@ -10,8 +10,9 @@ import operator
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, TypedDict
+from typing import Annotated, Iterator, TypedDict
 
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
 from agent.prompt import with_memories
@@ -29,6 +30,7 @@ class ChatState(TypedDict, total=False):
     max_tokens: int
     temperature: float
     thread_id: str | None
+    stream: bool  # respond token by token, through LangGraph's custom stream ({"delta": text})
     memories: list[dict]
     completion: dict
     latency_ms: float
@@ -46,6 +48,7 @@ class Reply:
     memories: list[dict] = field(default_factory=list)
     latency_ms: float = 0.0  # the engine's answer
     retrieval_ms: float = 0.0  # embedding the question and searching the memory
+    adapter: str | None = None  # what answered; None is the base model
 
 
 def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD, checkpointer=None):
@@ -67,12 +70,18 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
     def respond(state: ChatState) -> dict:
         prompt = with_memories(state["messages"], state.get("memories", []))
         started = time.perf_counter()
-        completion = model.complete(
-            prompt,
-            adapter=state.get("adapter"),
-            max_tokens=state.get("max_tokens", 256),
-            temperature=state.get("temperature", 0.0),
-        )
+        options = dict(adapter=state.get("adapter"), max_tokens=state.get("max_tokens", 256),
+                       temperature=state.get("temperature", 0.0))
+        if state.get("stream") and hasattr(model, "stream"):
+            write = get_stream_writer()
+            completion = None
+            for item in model.stream(prompt, **options):  # text pieces, then the whole Completion
+                if isinstance(item, str):
+                    write({"delta": item})
+                else:
+                    completion = item
+        else:
+            completion = model.complete(prompt, **options)
         return {
             "messages": [{"role": "assistant", "content": completion.text}],
             "completion": {**completion.__dict__, "prompt": prompt},
@@ -80,7 +89,7 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         }
 
     def record(state: ChatState) -> dict:
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        response_id = state.get("response_id") or new_response_id()
         c = state["completion"]
         memory.record_interaction(
             id=response_id,
@@ -118,7 +127,23 @@ class Agent:
         self.threaded = build_graph(memory, model, k=k, threshold=threshold, checkpointer=checkpointer)
         self.has_threads = checkpointer is not None
 
-    def chat(
+    def chat(self, messages: list[dict], **options) -> Reply:
+        """With `thread_id`, `messages` are the new turns; the thread's earlier turns come from the checkpointer."""
+        graph, inputs, config = self._run(messages, **options)
+        return _reply(graph.invoke(inputs, config))
+
+    def stream(self, messages: list[dict], **options) -> Iterator[str | Reply]:
+        """As `chat`, but yields the answer's text as it is generated, then the Reply."""
+        graph, inputs, config = self._run(messages, stream=True, **options)
+        state = None
+        for mode, chunk in graph.stream(inputs, config, stream_mode=["custom", "values"]):
+            if mode == "custom":
+                yield chunk["delta"]
+            else:
+                state = chunk
+        yield _reply(state)
+
+    def _run(
         self,
         messages: list[dict],
         *,
@@ -129,8 +154,9 @@ class Agent:
         max_tokens: int = 256,
         temperature: float = 0.0,
         thread_id: str | None = None,
-    ) -> Reply:
-        """With `thread_id`, `messages` are the new turns; the thread's earlier turns come from the checkpointer."""
+        response_id: str | None = None,
+        stream: bool = False,
+    ):
         if thread_id is not None and not self.has_threads:
             raise ValueError("this agent has no checkpointer, so it keeps no threads")
         inputs: ChatState = {
@@ -142,22 +168,31 @@ class Agent:
             "max_tokens": max_tokens,
             "temperature": temperature,
             "thread_id": thread_id,
+            "stream": stream,
+            "response_id": response_id or new_response_id(),  # known before the answer, for streams
         }
         if thread_id is None:
-            state = self.stateless.invoke(inputs)
-        else:
-            state = self.threaded.invoke(inputs, {"configurable": {"thread_id": thread_id}})
-        c = Completion(**{k: v for k, v in state["completion"].items() if k != "prompt"})
-        return Reply(
-            response_id=state["response_id"],
-            text=c.text,
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-            finish_reason=c.finish_reason,
-            memories=state.get("memories", []),
-            latency_ms=state.get("latency_ms", 0.0),
-            retrieval_ms=state.get("retrieval_ms", 0.0),
-        )
+            return self.stateless, inputs, None
+        return self.threaded, inputs, {"configurable": {"thread_id": thread_id}}
+
+
+def new_response_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _reply(state: dict) -> Reply:
+    c = Completion(**{k: v for k, v in state["completion"].items() if k != "prompt"})
+    return Reply(
+        response_id=state["response_id"],
+        text=c.text,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        finish_reason=c.finish_reason,
+        memories=state.get("memories", []),
+        latency_ms=state.get("latency_ms", 0.0),
+        adapter=state.get("adapter"),
+        retrieval_ms=state.get("retrieval_ms", 0.0),
+    )
 
 
 def _last_user_message(messages: list[dict]) -> str:

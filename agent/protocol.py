@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 
 @dataclass
@@ -24,4 +24,17 @@ class ChatModel(Protocol):
         temperature: float = 0.0,
     ) -> Completion:
         """Answer `messages` (OpenAI chat format) with the base model, or with the named adapter."""
+        ...
+
+
+class StreamingChatModel(ChatModel, Protocol):
+    def stream(
+        self,
+        messages: list[dict],
+        *,
+        adapter: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+    ) -> Iterator[str | Completion]:
+        """As `complete`, but yields the text in pieces as it is generated, then the whole Completion."""
         ...

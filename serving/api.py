@@ -6,24 +6,33 @@ One router per resource; one place maps exceptions to OpenAI-shaped errors.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 from typing import Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from memory.store import LOCAL_USER, UnknownResponse
+from serving.auth import OPEN, Caller, is_loopback
 from serving.engines import EngineError
-from serving.service import Ratchet, UnknownModel
+from serving.service import EngineUnavailable, NotServable, Ratchet, UnknownAdapter, UnknownModel
+
+log = logging.getLogger("ratchet.api")
 
 
 # -- bodies --------------------------------------------------------------------------------
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
@@ -34,6 +43,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     user: str | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     memory: bool = True  # Ratchet's extension: False answers without retrieval
     thread_id: str | None = None  # Ratchet's extension: the server keeps the thread's history
 
@@ -58,23 +68,58 @@ class OpenAIError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 
 
+# -- auth ----------------------------------------------------------------------------------
+def authenticate(r: Ratchet):
+    """The dependency that names the caller: open on loopback when no live key exists, else a
+    live Bearer key (a server on a public address never opens up, even with every key revoked)."""
+
+    def caller(request: Request) -> Caller:
+        if not r.keys.any_live() and is_loopback(r.settings.host):
+            return OPEN
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer rk-...'", "authentication_error",
+                              "missing_api_key")
+        key = r.keys.verify(token.strip())
+        if key is None:
+            raise OpenAIError(401, "invalid or revoked API key", "authentication_error", "invalid_api_key")
+        return Caller(user=key.user, role=key.role, key_id=key.id)
+
+    return caller
+
+
+def admin_only(caller):
+    """The dependency for admin routes: `caller`, and a 403 for a user key."""
+
+    def admin(who: Caller = Depends(caller)) -> Caller:
+        if not who.admin:
+            raise OpenAIError(403, "this route needs an admin key", "permission_error", "admin_required")
+        return who
+
+    return admin
+
+
 # -- routers -------------------------------------------------------------------------------
-def chat_router(r: Ratchet) -> APIRouter:
+def chat_router(r: Ratchet, caller) -> APIRouter:
     router = APIRouter(tags=["chat"])
 
     @router.post("/v1/chat/completions")
-    def chat_completions(body: ChatRequest):
-        if body.stream:
-            raise OpenAIError(400, "streaming is not supported yet; send stream=false", param="stream")
-        reply = r.chat(
-            [m.model_dump() for m in body.messages],
+    def chat_completions(body: ChatRequest, who: Caller = Depends(caller)):
+        options = dict(
             model=body.model,
-            user=body.user or LOCAL_USER,
+            user=who.user or body.user or LOCAL_USER,  # a key's user overrides the body's
             use_memory=body.memory,
             max_tokens=body.max_completion_tokens or body.max_tokens or r.settings.max_tokens,
             temperature=body.temperature,
             thread_id=body.thread_id,
         )
+        messages = [m.model_dump() for m in body.messages]
+        if body.stream:
+            response_id, adapter, pieces = r.chat_stream(messages, **options)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(response_id, body.model, adapter, pieces, usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        reply = r.chat(messages, **options)
         return {
             "id": reply.response_id,
             "object": "chat.completion",
@@ -84,37 +129,78 @@ def chat_router(r: Ratchet) -> APIRouter:
                 {"index": 0, "message": {"role": "assistant", "content": reply.text},
                  "finish_reason": reply.finish_reason}
             ],
-            "usage": {
-                "prompt_tokens": reply.prompt_tokens,
-                "completion_tokens": reply.completion_tokens,
-                "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-            },
-            "ratchet": {"memories": reply.memories, "adapter": r.adapter_for(body.model), "memory": body.memory,
+            "usage": _usage(reply),
+            "ratchet": {"memories": reply.memories, "adapter": reply.adapter, "memory": body.memory,
                         "retrieval_ms": round(reply.retrieval_ms, 2), "engine_ms": round(reply.latency_ms, 2)},
         }
 
     @router.get("/v1/models")
-    def models():
+    def models(_: Caller = Depends(caller)):
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "ratchet"} for m in r.models()]}
 
     return router
 
 
-def feedback_router(r: Ratchet) -> APIRouter:
+def _usage(reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+def _sse(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
+    """Server-sent events as OpenAI streams them: chat.completion.chunk objects, then [DONE]."""
+    try:
+        yield from _chunks(response_id, model, adapter, pieces, include_usage)
+    finally:  # also when the client went away: the adapter is released
+        pieces.close()
+
+
+def _chunks(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        for piece in pieces:
+            if isinstance(piece, str):
+                yield chunk({"content": piece})
+            else:  # the Reply: recorded under response_id by now
+                yield chunk({}, piece.finish_reason,
+                            ratchet={"memories": piece.memories, "adapter": adapter})
+                if include_usage:
+                    body = {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": [], "usage": _usage(piece)}
+                    yield f"data: {json.dumps(body)}\n\n"
+    except Exception as e:  # the status line is sent already: the error goes into the stream
+        log.exception("stream %s failed", response_id)
+        status, err = _error_body(e)
+        yield f"data: {json.dumps(err)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def feedback_router(r: Ratchet, caller) -> APIRouter:
     router = APIRouter(tags=["feedback"])
 
     @router.post("/v1/feedback", status_code=201)
-    def feedback(body: FeedbackRequest):
+    def feedback(body: FeedbackRequest, who: Caller = Depends(caller)):
+        if who.user is not None:  # a key's user may only rate their own responses
+            interaction = r.memory.interaction(body.response_id)
+            if interaction is None or (interaction["user"] or LOCAL_USER) != who.user:
+                raise UnknownResponse(body.response_id)
         feedback_id = r.feedback(
-            body.response_id, body.rating, comment=body.comment, correction=body.correction, user=body.user
+            body.response_id, body.rating, comment=body.comment, correction=body.correction,
+            user=who.user or body.user,
         )
         return {"id": feedback_id, "object": "feedback", "response_id": body.response_id}
 
     return router
 
 
-def consolidations_router(r: Ratchet) -> APIRouter:
-    router = APIRouter(tags=["consolidations"])
+def consolidations_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["consolidations"], dependencies=[Depends(admin_only(caller))])
 
     @router.post("/v1/consolidations", status_code=202)
     def consolidate():
@@ -137,26 +223,32 @@ def consolidations_router(r: Ratchet) -> APIRouter:
     return router
 
 
-def adapters_router(r: Ratchet) -> APIRouter:
-    router = APIRouter(tags=["adapters"])
+def adapters_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["adapters"], dependencies=[Depends(admin_only(caller))])
 
     @router.get("/v1/adapters")
     def adapters():
-        return {
-            "object": "list",
-            "active": r.active,
-            "data": [
-                {"version": v.version, "name": v.name, "parent": v.parent, "status": v.status,
-                 "active": v.name == r.active, "created_at": v.created_at, "metrics": v.metrics}
-                for v in r.registry.versions()
-            ],
-        }
+        return {"object": "list", "active": r.active, "data": [_adapter(r, v) for v in r.registry.versions()]}
+
+    @router.post("/v1/adapters/rollback")
+    def rollback():
+        target = r.rollback()
+        return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target) if target else None,
+                **r.last_switch}
+
+    @router.post("/v1/adapters/{version}/activate")
+    def activate(version: str):
+        number = version.removeprefix("ratchet-v").removeprefix("v")
+        if not number.isdigit():
+            raise OpenAIError(404, f"no adapter {version!r}", code="adapter_not_found", param="version")
+        target = r.activate(int(number))
+        return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target), **r.last_switch}
 
     return router
 
 
-def evaluations_router(r: Ratchet) -> APIRouter:
-    router = APIRouter(tags=["evaluations"])
+def evaluations_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["evaluations"], dependencies=[Depends(caller)])
 
     @router.post("/v1/agreement")
     def agreement(body: AgreementRequest):
@@ -167,6 +259,11 @@ def evaluations_router(r: Ratchet) -> APIRouter:
                 "agreement": matched / total if total else 1.0}
 
     return router
+
+
+def _adapter(r: Ratchet, v) -> dict:
+    return {"version": v.version, "name": v.name, "parent": v.parent, "status": v.status,
+            "active": v.name == r.active, "created_at": v.created_at, "metrics": v.metrics}
 
 
 def _cycle(row: dict) -> dict:
@@ -189,6 +286,29 @@ def _cycle(row: dict) -> dict:
     }
 
 
+def _error_body(e: Exception) -> tuple[int, dict]:
+    """The packages' own exceptions as OpenAI-shaped errors: (status, body)."""
+    def shaped(status, message, type="invalid_request_error", code=None, param=None):
+        return status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+    if isinstance(e, UnknownResponse):
+        return shaped(404, f"no response with id {e.args[0]!r}", code="response_not_found", param="response_id")
+    if isinstance(e, UnknownModel):
+        return shaped(404, f"the model {e.args[0]!r} does not exist; see GET /v1/models", code="model_not_found",
+                      param="model")
+    if isinstance(e, UnknownAdapter):
+        return shaped(404, f"no adapter version {e.args[0]}", code="adapter_not_found", param="version")
+    if isinstance(e, NotServable):
+        return shaped(409, str(e), code="adapter_not_servable")
+    if isinstance(e, EngineUnavailable):
+        return shaped(503, str(e), "server_error", "engine_restarting")
+    if isinstance(e, EngineError):
+        return shaped(503, f"the engine failed: {e}", "server_error", "engine_error")
+    if isinstance(e, OpenAIError):
+        return shaped(e.status, e.message, e.type, e.code, e.param)
+    return shaped(500, f"internal error: {type(e).__name__}", "server_error", "internal_error")
+
+
 # -- the app -------------------------------------------------------------------------------
 def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     """The app over a started Ratchet; with `stop_on_shutdown` the server's shutdown stops it
@@ -202,12 +322,17 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
 
     app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
                   lifespan=lifespan)
+    caller = authenticate(r)
     for make in (chat_router, feedback_router, consolidations_router, adapters_router, evaluations_router):
-        app.include_router(make(r))
+        app.include_router(make(r, caller))
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "engine": r.engine.name, "active": r.active}
+        body = {"status": "ok" if r.ready else "restarting", "engine": r.engine.name, "active": r.active,
+                "restarts": r.restarts, "auth": r.keys.any_live()}
+        if hasattr(r.engine, "lanes"):
+            body["merged_lanes"] = r.engine.lanes
+        return JSONResponse(status_code=200 if r.ready else 503, content=body)
 
     def error(status: int, message: str, type: str, code=None, param=None) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": type, "param": param,
@@ -215,21 +340,20 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
 
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, e: OpenAIError):
-        return error(e.status, e.message, e.type, e.code, e.param)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        response = error(e.status, e.message, e.type, e.code, e.param)
+        if headers:
+            response.headers.update(headers)
+        return response
 
-    @app.exception_handler(UnknownResponse)
-    async def _unknown_response(_: Request, e: UnknownResponse):
-        return error(404, f"no response with id {e.args[0]!r}", "invalid_request_error", "response_not_found",
-                     "response_id")
-
-    @app.exception_handler(UnknownModel)
-    async def _unknown_model(_: Request, e: UnknownModel):
-        return error(404, f"the model {e.args[0]!r} does not exist; see GET /v1/models", "invalid_request_error",
-                     "model_not_found", "model")
-
-    @app.exception_handler(EngineError)
-    async def _engine(_: Request, e: EngineError):
-        return error(503, f"the engine failed: {e}", "server_error", "engine_error")
+    for kind in (UnknownResponse, UnknownModel, UnknownAdapter, NotServable, EngineError):
+        @app.exception_handler(kind)
+        async def _known(_: Request, e: Exception):
+            status, body = _error_body(e)
+            response = JSONResponse(status_code=status, content=body)
+            if isinstance(e, EngineUnavailable):
+                response.headers["Retry-After"] = "5"
+            return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):

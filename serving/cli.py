@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from pathlib import Path
@@ -19,15 +18,10 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 URL = typer.Option(os.environ.get("RATCHET_URL", "http://127.0.0.1:8000"), "--url", help="The Ratchet server.")
+DATA_DIR = typer.Option(None, "--data-dir", help="Ratchet's data directory (default: RATCHET_DATA_DIR or ~/.local/share/ratchet)")
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+keys_app = typer.Typer(help="API keys: made, listed and revoked on the data directory directly.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -46,14 +40,16 @@ def serve(
     import uvicorn
 
     from serving.api import create_app
+    from serving.auth import is_loopback
     from serving.service import Ratchet
     from serving.settings import Settings
 
     settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model,
                              consolidate_every=consolidate_every, consolidate_after=consolidate_after)
-    if not _is_loopback(settings.host):
+    keyed = _keys(settings.data_dir).any_live()
+    if not keyed and not is_loopback(settings.host):
         console.print(f"[red]refusing to listen on {settings.host}: no API keys are configured, "
-                      "so Ratchet serves loopback (127.0.0.1) only[/red]")
+                      "so Ratchet serves loopback (127.0.0.1) only; make one with `ratchet keys create`[/red]")
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     console.print(f"ratchet: data in {settings.data_dir}; starting the {settings.engine} engine ...")
@@ -64,12 +60,27 @@ def serve(
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
     ratchet.start()
+    access = ("API keys required on /v1" if keyed
+              else "no API keys configured: loopback only, no authentication")
     console.print(f"ratchet: engine ready in {time.monotonic() - started:.0f} s; "
-                  f"serving http://{settings.host}:{settings.port} (loopback only: no API keys configured)")
+                  f"serving http://{settings.host}:{settings.port} ({access})")
     uvicorn.run(create_app(ratchet, stop_on_shutdown=True), host=settings.host, port=settings.port, log_level="info")
 
 
+def _keys(data_dir):
+    from memory.db import open_db
+    from serving.auth import ApiKeys
+    from serving.settings import Settings
+
+    settings = Settings.load(data_dir=data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return ApiKeys(open_db(settings.data_dir / "ratchet.db"))
+
+
 def _request(method: str, url: str, **kwargs) -> dict:
+    token = os.environ.get("RATCHET_API_KEY")
+    if token:
+        kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {token}"}
     try:
         r = httpx.request(method, url, timeout=600, **kwargs)
     except httpx.HTTPError as e:
@@ -160,9 +171,15 @@ def consolidate(
         raise typer.Exit(1)
 
 
-@app.command()
-def adapters(url: str = URL):
+adapters_app = typer.Typer(help="Adapter versions: list, activate, roll back.", invoke_without_command=True)
+app.add_typer(adapters_app, name="adapters")
+
+
+@adapters_app.callback()
+def adapters(ctx: typer.Context, url: str = URL):
     """List the adapter versions; the active one is marked."""
+    if ctx.invoked_subcommand is not None:
+        return
     r = _request("GET", f"{url}/v1/adapters")
     table = Table("", "version", "status", "parent", "created", "train s", "loss")
     for v in r["data"]:
@@ -170,6 +187,55 @@ def adapters(url: str = URL):
         table.add_row("*" if v["active"] else "", v["name"], v["status"], str(v["parent"] or "-"), v["created_at"][:19],
                       str(m.get("train_seconds", "")), str(m.get("final_loss", "")))
     out.print(table if r["data"] else "no adapters yet: the base model answers")
+
+
+@adapters_app.command("activate")
+def adapters_activate(version: str = typer.Argument(..., help="N, vN or ratchet-vN"), url: str = URL):
+    """Serve VERSION as `ratchet` from now on (requests running on the old one finish first)."""
+    r = _request("POST", f"{url}/v1/adapters/{version}/activate")
+    out.print(f"active: {r['active']}")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(url: str = URL):
+    """Back to the promoted version before the active one, or to the base model."""
+    r = _request("POST", f"{url}/v1/adapters/rollback")
+    out.print(f"active: {r['active'] or 'ratchet-base (no adapter)'}")
+
+
+@keys_app.command("create")
+def keys_create(
+    user: str = typer.Option(..., "--user", help="The user the key speaks for"),
+    admin: bool = typer.Option(False, "--admin", help="An admin key: consolidations, adapters, memory administration"),
+    data_dir: Optional[Path] = DATA_DIR,
+):
+    """Make a key; its token is printed once and never stored (only its sha256 is)."""
+    key, token = _keys(data_dir).create(user, "admin" if admin else "user")
+    out.print(token)
+    console.print(f"[dim]key {key.id} for {key.user} ({key.role}); keep the token: it is not shown again. "
+                  f"A running server needs it from now on (and may then listen beyond loopback after a restart).[/dim]")
+
+
+@keys_app.command("list")
+def keys_list(data_dir: Optional[Path] = DATA_DIR):
+    """The keys (never their tokens)."""
+    keys = _keys(data_dir).list()
+    table = Table("id", "token", "user", "role", "created", "revoked")
+    for k in keys:
+        table.add_row(str(k.id), k.prefix + "…", k.user, k.role, k.created_at[:19], (k.revoked_at or "")[:19])
+    out.print(table if keys else "no API keys: the server is open on loopback only")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: int = typer.Argument(..., help="The key's id (see `ratchet keys list`)"),
+                data_dir: Optional[Path] = DATA_DIR):
+    """Revoke a key: refused from the next request on."""
+    try:
+        key = _keys(data_dir).revoke(key_id)
+    except KeyError as e:
+        console.print(f"[red]{e.args[0]}[/red]")
+        raise typer.Exit(1)
+    out.print(f"key {key.id} ({key.user}) revoked at {key.revoked_at}")
 
 
 eval_app = typer.Typer(help="Benchmarks that drive Ratchet through its HTTP API.", no_args_is_help=True)

@@ -31,6 +31,10 @@ class Settings:
     memory_k: int = 3  # corrections put into a prompt at most
     memory_threshold: float = RELEVANCE_THRESHOLD  # cosine similarity a correction needs to be retrieved
     max_tokens: int = 256  # default completion length
+    # The active adapter also served merged into the weights by a second, plain vLLM (a blue/green
+    # pair with the LoRA engine): see serving/engines/lanes.py and reports/serving.md.
+    merged_lane: bool = False
+    monitor_interval: float = 2.0  # seconds between checks that the engine is alive; 0: no monitor
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     cycle: CycleConfig = field(default_factory=CycleConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -50,15 +54,22 @@ class Settings:
             "host": os.environ.get("RATCHET_HOST"),
             "port": _int(os.environ.get("RATCHET_PORT")),
             "memory_threshold": _float(os.environ.get("RATCHET_MEMORY_THRESHOLD")),
+            "merged_lane": _bool(os.environ.get("RATCHET_MERGED_LANE")),
         }
         every = overrides.pop("consolidate_every", None) or os.environ.get("RATCHET_CONSOLIDATE_EVERY")
         after = overrides.pop("consolidate_after", None) or _int(os.environ.get("RATCHET_CONSOLIDATE_AFTER"))
         values = {k: v for k, v in {**env, **overrides}.items() if v is not None}
+        if "vllm" not in values:
+            values["vllm"] = VLLMOptions.from_env()
         return cls(**values, schedule=ScheduleConfig(every=every, after_corrections=after))
 
 
 def _int(v: str | None) -> int | None:
     return int(v) if v else None
+
+
+def _bool(v: str | None) -> bool | None:
+    return v.lower() in ("1", "true", "yes", "on") if v else None
 
 
 def _float(v: str | None) -> float | None:

@@ -66,24 +66,51 @@ class EchoModel:
     def __init__(self):
         self.calls: list[dict] = []
         self.loaded: dict[str, str] = {}
+        self.running = True
+        self.restarts = 0
+        self.hold: threading.Event | None = None  # when set up, each answer waits for it
+        self.entered = threading.Event()  # set when an answer starts
+        self.strict = False  # True: an adapter that is not loaded fails the request, as in a real engine
 
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         from agent.protocol import Completion
+        from serving.engines import EngineError
 
+        if not self.running:
+            raise EngineError("the echo engine is down")
         self.calls.append({"messages": messages, "adapter": adapter})
+        self.entered.set()
+        if self.hold is not None:
+            self.hold.wait(30)
+        if self.strict and adapter is not None and adapter not in self.loaded:
+            raise EngineError(f"adapter {adapter!r} is not loaded")
         shots = [m["content"] for m in messages[:-1] if m["role"] == "assistant"]
         text = shots[-1] if shots else "I do not know"
         return Completion(text=text, prompt_tokens=len(messages), completion_tokens=len(text.split()))
 
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        c = self.complete(messages, adapter=adapter, max_tokens=max_tokens, temperature=temperature)
+        words = c.text.split(" ")
+        for i, word in enumerate(words):
+            yield word if i == 0 else " " + word
+        yield c
+
     # the engine's side
     def start(self):
-        pass
+        self.running = True
 
     def stop(self):
-        pass
+        self.running = False
+
+    def alive(self):
+        return self.running
 
     def healthy(self):
-        return True
+        return self.running
+
+    def restart(self):
+        self.restarts += 1
+        self.running = True
 
     def load_adapter(self, name, path):
         self.loaded[name] = path

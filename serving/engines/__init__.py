@@ -31,7 +31,13 @@ def make_engine(kind: str, model_path: str, settings) -> Engine:
     if kind == "vllm":
         from serving.engines.vllm import VLLMEngine
 
-        return VLLMEngine(model_path, settings.vllm, log_path=settings.data_dir / "logs" / "vllm.log")
+        engine = VLLMEngine(model_path, settings.vllm, log_path=settings.data_dir / "logs" / "vllm.log")
+        if settings.merged_lane:
+            from serving.engines.lanes import MergedLanes
+
+            return MergedLanes(engine, model_path, settings.vllm, settings.data_dir / "merged",
+                               settings.data_dir / "logs", drain_timeout=settings.vllm.request_timeout)
+        return engine
     if kind == "transformers":
         from serving.engines.inprocess import TransformersEngine
 

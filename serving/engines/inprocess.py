@@ -28,8 +28,18 @@ class TransformersEngine:
     def stop(self) -> None:
         self._model = None
 
+    def alive(self) -> bool:
+        return self._model is not None
+
     def healthy(self) -> bool:
         return self._model is not None
+
+    def restart(self) -> None:
+        adapters = dict(self._adapters)
+        self._adapters.clear()
+        self.start()
+        for name, path in adapters.items():
+            self.load_adapter(name, path)
 
     def adapters(self) -> list[str]:
         return list(self._adapters)
@@ -86,7 +96,36 @@ class TransformersEngine:
         guess = predicted[len(prompt_ids) - 1 : len(prompt_ids) + len(answer_ids) - 1]
         return int((guess == torch.tensor(answer_ids)).sum())
 
-    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        """Text pieces as `generate` produces them (TextIteratorStreamer, generation in a thread)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def generate():
+            try:
+                result["completion"] = self.complete(messages, adapter=adapter, max_tokens=max_tokens,
+                                                     temperature=temperature, streamer=streamer)
+            except BaseException as e:  # handed to the caller below
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=generate, name="ratchet-generate", daemon=True)
+        worker.start()
+        started = False
+        for text in streamer:
+            if not started:
+                text = text.lstrip()
+                started = bool(text)
+            if text:
+                yield text
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["completion"]
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0, streamer=None) -> Completion:
         import torch
 
         tok = self._tokenizer
@@ -96,7 +135,7 @@ class TransformersEngine:
             with self._using(adapter):
                 out = self._model.generate(
                     **inputs, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                    **sampling,
+                    streamer=streamer, **sampling,
                 )
         new = out[0, inputs["input_ids"].shape[1] :]
         finished = len(new) and int(new[-1]) in _eos_ids(self._model, tok)

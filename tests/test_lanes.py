@@ -1,0 +1,91 @@
+"""The merged lane (blue/green beside the LoRA engine), with fake engines: routing, and a lane
+that is retired only after its running requests are done."""
+
+import threading
+
+import pytest
+
+import serving.engines.lanes as lanes
+from serving.engines.vllm import VLLMOptions
+
+
+class FakeLane:
+    started: list = []
+
+    def __init__(self, model_path, options, log_path=None):
+        self.model_path, self.options, self.running = model_path, options, False
+        self.hold: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def start(self):
+        self.running = True
+        FakeLane.started.append(self)
+
+    def stop(self):
+        self.running = False
+
+    def alive(self):
+        return self.running
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        from agent.protocol import Completion
+
+        assert adapter is None and self.running  # a lane is a plain model; a stopped one fails
+        self.entered.set()
+        if self.hold:
+            self.hold.wait(10)
+        assert self.running, "the lane was stopped under a running request"
+        return Completion(text=f"lane {self.model_path}")
+
+
+@pytest.fixture
+def engine(tmp_path, echo_model, monkeypatch):
+    FakeLane.started = []
+    monkeypatch.setattr(lanes, "VLLMEngine", FakeLane)
+    monkeypatch.setattr(lanes, "merge_adapter", lambda base, path, out: out)
+    e = lanes.MergedLanes(echo_model, "base", VLLMOptions(port=1234), tmp_path / "merged", None)
+    e.start()
+    yield e
+    e.stop()
+
+
+def wait_for(predicate):
+    for _ in range(400):
+        if predicate():
+            return True
+        threading.Event().wait(0.025)
+    return False
+
+
+def test_the_active_adapter_moves_to_its_merged_lane_and_the_rest_stays_on_lora(engine, echo_model, tmp_path):
+    msg = [{"role": "user", "content": "hi"}]
+    assert engine.complete(msg, adapter="ratchet-v1").text == "I do not know"  # no lane yet: LoRA
+    engine.follow("ratchet-v1", "/adapters/v0001")
+    assert wait_for(lambda: engine.lanes == ["ratchet-v1"])
+    lane = FakeLane.started[0]
+    assert lane.options.enable_lora is False and lane.options.port == 0  # plain, on a port of its own
+    assert engine.complete(msg, adapter="ratchet-v1").text == f"lane {tmp_path / 'merged' / 'ratchet-v1'}"
+    assert engine.complete(msg, adapter="ratchet-v2").text == "I do not know"
+    assert engine.complete(msg, adapter=None).text == "I do not know"
+    assert [c["adapter"] for c in echo_model.calls] == ["ratchet-v1", "ratchet-v2", None]
+
+
+def test_a_replaced_lane_finishes_its_requests_before_it_stops(engine):
+    msg = [{"role": "user", "content": "hi"}]
+    engine.follow("ratchet-v1", "/a1")
+    assert wait_for(lambda: engine.lanes == ["ratchet-v1"])
+    old = FakeLane.started[0]
+    old.hold = threading.Event()
+    result = {}
+    request = threading.Thread(target=lambda: result.update(c=engine.complete(msg, adapter="ratchet-v1")))
+    request.start()
+    assert old.entered.wait(10)
+    engine.follow("ratchet-v2", "/a2")
+    assert wait_for(lambda: "ratchet-v1" not in engine.lanes)  # no new requests go to it...
+    assert old.running  # ...but it is not stopped under the running one
+    old.hold.set()
+    request.join(10)
+    assert result["c"].text.startswith("lane") and wait_for(lambda: not old.running)
+    assert wait_for(lambda: engine.lanes == ["ratchet-v2"])
+    engine.follow(None, None)  # rolled back to the base model: no lane
+    assert wait_for(lambda: engine.lanes == [])
