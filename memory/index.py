@@ -18,6 +18,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+# One query at a time gains nothing from OpenMP here, and on 2 busy cores its threads wait on
+# each other: a flat search of 200 vectors took 35 ms with 2 threads, well under 1 ms with one.
+faiss.omp_set_num_threads(1)
+
 # Where exact search stops being cheap: a flat scan costs about 1 ms per 10k vectors here
 # (16.5 ms at 100k), an IVF probe about 0.2-0.5 ms at any size (see reports/memory.md).
 APPROX_FROM = 20_000

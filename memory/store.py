@@ -15,7 +15,6 @@ Guarantees:
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import defaultdict
@@ -97,10 +96,8 @@ class Memory:
         then reconciled by the next process that opens them."""
         self.data_dir = Path(data_dir)
         self.db = open_db(self.data_dir / "ratchet.db")
-        if embedder is None:
-            embedder = Embedder(cache_dir=None if os.environ.get("RATCHET_MODELS_DIR") else self.data_dir / "models")
-        self.embedder = embedder
-        self.index = ScopedIndex(self.data_dir / "index", embedder.dim, approx_from=approx_from, nprobe=nprobe)
+        self.embedder = embedder or Embedder()  # the exported encoder is cached per machine, not per data dir
+        self.index = ScopedIndex(self.data_dir / "index", self.embedder.dim, approx_from=approx_from, nprobe=nprobe)
         self._saved_at = time.monotonic()
         self.has_index = open_index
         if open_index:
