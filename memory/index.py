@@ -225,7 +225,7 @@ class ScopedIndex:
     def save(self, *, only_dirty: bool = True) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for index in self.scopes().values():
-            if index.dirty or not only_dirty or not index.path.exists():
+            if index.dirty or not only_dirty or (len(index) and not index.path.exists()):
                 index.save()
 
     def clear(self) -> None:
@@ -239,7 +239,9 @@ class ScopedIndex:
         """The `k` best (id, score) pairs over the scopes of `users` (None = shared)."""
         pairs: list[tuple[int, float]] = []
         for user in users:
-            index = self.scope(user)
+            index = self._scopes.get(scope_name(user))
+            if index is None:
+                continue  # a scope with no memories (load_all has read every file there is)
             scores, ids = index.search(vector[None, :], k)
             pairs += [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         pairs.sort(key=lambda p: -p[1])
