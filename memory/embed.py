@@ -9,7 +9,8 @@ Two paths give the same vectors (cosine agreement >= 0.99999 on zsRE paraphrases
   but moved the vectors (mean cosine 0.968 to the torch ones, min 0.946), so it is not used.
 - `torch`: sentence-transformers, as before.
 
-Repeated queries come from an LRU cache keyed on the text.
+Repeated queries come from an LRU cache keyed on the normalised text (lower case, collapsed
+whitespace: the uncased tokenizer sees no difference).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class Embedder:
         if backend == "auto":
             backend = "onnx" if _onnx_available() and self.path.is_dir() else "torch"
         self.backend = backend
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache's
+        self._torch_lock = threading.Lock()
         self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._cache_size = cache_size
         if backend == "onnx":
@@ -113,36 +115,43 @@ class Embedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        result = np.zeros((len(texts), self.dim), np.float32)
+        keys = [_cache_key(t) for t in texts]
+        missing = []
         with self._lock:
-            result = np.zeros((len(texts), self.dim), np.float32)
-            missing = []
-            for i, text in enumerate(texts):
-                hit = self._cache.get(text)
+            for i, key in enumerate(keys):
+                hit = self._cache.get(key)
                 if hit is None:
                     missing.append(i)
                 else:
-                    self._cache.move_to_end(text)
+                    self._cache.move_to_end(key)
                     result[i] = hit
-            if missing:
-                vectors = self._compute([texts[i] for i in missing])
+        if missing:
+            # outside the cache's lock: concurrent queries run side by side (one ONNX thread each)
+            vectors = self._compute([texts[i] for i in missing])
+            with self._lock:
                 for i, v in zip(missing, vectors):
                     result[i] = v
                     if self._cache_size:
-                        self._cache[texts[i]] = v
+                        self._cache[keys[i]] = v
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return result
 
     def embed_uncached(self, texts: list[str]) -> np.ndarray:
         """The encoder alone (for measuring it)."""
-        with self._lock:
-            return self._compute(texts) if texts else np.zeros((0, self.dim), np.float32)
+        return self._compute(texts) if texts else np.zeros((0, self.dim), np.float32)
 
     def _compute(self, texts: list[str]) -> np.ndarray:
         if self.backend == "onnx":
-            return self._run_onnx(texts)
-        vectors = self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+            return self._run_onnx(texts)  # an InferenceSession may be run from several threads
+        with self._torch_lock:
+            vectors = self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         return np.asarray(vectors, dtype=np.float32)
+
+
+def _cache_key(text: str) -> str:
+    return " ".join(text.split()).lower()
 
 
 def export_onnx(model_dir: Path, cache_dir: Path) -> Path:
