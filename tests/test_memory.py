@@ -4,7 +4,7 @@ import pytest
 
 from memory import Memory
 from memory.migrations import MIGRATIONS
-from memory.store import NotAllowed, UnknownMemory, UnknownResponse
+from memory.store import RELEVANCE_THRESHOLD, NotAllowed, UnknownMemory, UnknownResponse
 
 Q = "What university did Watts Humphrey attend?"
 PARAPHRASE = "What university did Watts Humphrey take part in?"
@@ -197,7 +197,7 @@ def faiss_exact(m: Memory, records: list[dict]) -> list[list[int]]:
     for r in records:
         scores = matrix @ m.embedder.embed([r["paraphrase"]])[0]
         best = int(scores.argmax())
-        out.append([int(ids[best])] if scores[best] >= 0.65 else [])
+        out.append([int(ids[best])] if scores[best] >= RELEVANCE_THRESHOLD else [])
     return out
 
 
