@@ -111,10 +111,14 @@ class VectorIndex:
     def save(self) -> None:
         """Write atomically: a crash mid-write leaves the previous file, never half of one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
-        with self._lock:
-            faiss.write_index(self._index, str(tmp))
+        tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
+        with self._lock:  # searches wait only for the copy into memory, not for the disk
+            data = faiss.serialize_index(self._index)
             self.dirty = False
+        with open(tmp, "wb") as f:
+            f.write(data.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     # -- contents --------------------------------------------------------------------------

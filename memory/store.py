@@ -15,6 +15,7 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -41,7 +42,9 @@ RELEVANCE_THRESHOLD = 0.875
 # with the same answer is merged into the older one (a duplicate).
 SAME_QUESTION_SCORE = 0.95
 MAX_PROMPT_CHARS = 2000  # questions + answers put into one prompt, at most (the first always goes)
-SAVE_EVERY_SECONDS = 30.0  # index files are written at most this often (and on close)
+# Index files are written by a background thread, at most this often (and on close); SQLite is
+# the truth, so a stale file only means a little catching up on the next start.
+SAVE_EVERY_SECONDS = 30.0
 
 
 class UnknownResponse(KeyError):
@@ -104,10 +107,15 @@ class Memory:
         self.index = ScopedIndex(self.data_dir / "index", self.embedder.dim, approx_from=approx_from, nprobe=nprobe)
         self._saved_at = time.monotonic()
         self.has_index = open_index
+        self._wrote = threading.Event()
+        self._closing = threading.Event()
+        self._saver: threading.Thread | None = None
         if open_index:
             (self.data_dir / "memories.faiss").unlink(missing_ok=True)  # the skeleton's single index
             self.index.load_all()
             self.sync_index()
+            self._saver = threading.Thread(target=self._save_in_background, name="ratchet-index-saver", daemon=True)
+            self._saver.start()
 
     # -- the index -----------------------------------------------------------------------
     def _live_by_scope(self) -> dict[str, tuple[str | None, set[int]]]:
@@ -177,9 +185,23 @@ class Memory:
         return np.asarray(out_ids, np.int64), np.vstack(out_vectors).astype(np.float32)
 
     def _after_write(self) -> None:
-        if self.has_index and time.monotonic() - self._saved_at > SAVE_EVERY_SECONDS:
-            self.index.save()
+        self._wrote.set()
+
+    def _save_in_background(self) -> None:
+        """Write the changed index files, at most every SAVE_EVERY_SECONDS, off the request path."""
+        while not self._closing.is_set():
+            self._wrote.wait()
+            self._wrote.clear()
+            if self._closing.is_set():
+                return
+            try:
+                self.index.save()
+            except Exception:  # a full disk must not stop the memory; the next start catches up
+                import logging
+
+                logging.getLogger("ratchet.memory").exception("could not write the index files")
             self._saved_at = time.monotonic()
+            self._closing.wait(SAVE_EVERY_SECONDS)
 
     # -- interactions and feedback ---------------------------------------------------------
     def record_interaction(self, **fields: Any) -> str:
@@ -530,6 +552,10 @@ class Memory:
         return memory_id
 
     def close(self) -> None:
+        if self._saver is not None:
+            self._closing.set()
+            self._wrote.set()
+            self._saver.join(timeout=60)
         if self.has_index:
             self.index.save()
         self.db.conn.close()
