@@ -126,8 +126,49 @@ def bench_sqlite_store(vectors: np.ndarray, query_texts: list[str], embedder: Em
             "p99_ms": round(pct(latencies, 99), 2), "recall_at_5": round(recall_at_k(found, truth[: len(found)]), 4)}
 
 
+def bench_memory_path(vectors: np.ndarray, real_texts: list[str], query_texts: list[str], embedder: Embedder,
+                      workdir: Path) -> dict:
+    """The real path: the vectors as rows of Ratchet's SQLite (shared memories), the index built
+    from SQLite when `Memory` opens, then `Memory.search` (embed, search, SQLite lookup, scoping,
+    newest-wins) one query at a time."""
+    import sqlite3
+
+    from memory import Memory
+    from memory.db import now
+
+    folder = workdir / f"memory-{len(vectors)}"
+    Memory(folder, embedder=embedder, open_index=False).close()  # the schema
+    conn = sqlite3.connect(folder / "ratchet.db")
+    stamp = now()
+    texts = lambda i: real_texts[i] if i < len(real_texts) else f"synthetic memory {i}"  # noqa: E731
+    started = time.perf_counter()
+    for start in range(0, len(vectors), 50_000):
+        conn.executemany(
+            "insert into memories (kind, user, question, question_key, answer, embedding, embedder, created_at,"
+            " updated_at, merged, source) values ('correction', null, ?, ?, 'an answer', ?, ?, ?, ?, 0, 'bench')",
+            ((texts(i), texts(i).lower(), vectors[i].tobytes(), embedder.name, stamp, stamp)
+             for i in range(start, min(len(vectors), start + 50_000))))
+        conn.commit()
+    insert_s = time.perf_counter() - started
+    conn.close()
+    started = time.perf_counter()
+    m = Memory(folder, embedder=embedder)
+    open_s = time.perf_counter() - started
+    with embedder._lock:
+        embedder._cache.clear()
+    found = []
+    ms = timed_ms(lambda t: found.append(m.search(t, user="bench", k=3)), query_texts[:N_TIMED])
+    m.close()
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"insert_s": round(insert_s, 1), "open_and_build_index_s": round(open_s, 1),
+            "p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
+            "queries_with_a_hit": round(float(np.mean([bool(f) for f in found])), 4)}
+
+
 def bench_size(n: int, real: np.ndarray, queries: np.ndarray, query_texts: list[str], embedder: Embedder,
-               workdir: Path, hnsw_up_to: int, sqlite_queries: int) -> dict:
+               workdir: Path, hnsw_up_to: int, sqlite_queries: int, real_texts: list[str] | None = None) -> dict:
     print(f"== {n:,} memories", flush=True)
     result: dict = {"n": n}
     base_rss = rss_mb()
@@ -205,6 +246,11 @@ def bench_size(n: int, real: np.ndarray, queries: np.ndarray, query_texts: list[
     del flat, ivf, index
     gc.collect()
 
+    if real_texts is not None:
+        result["memory_search"] = bench_memory_path(vectors, real_texts, query_texts, embedder, workdir)
+        print("  Memory.search", result["memory_search"], flush=True)
+        gc.collect()
+
     # LangGraph's SqliteStore on the same vectors
     faiss.omp_set_num_threads(2)
     try:
@@ -261,6 +307,18 @@ def write_reports(report: dict) -> None:
                          "hnsw": "HNSW M=32 efSearch=64"}[name]
                 lines.append(f"| {r['n']:,} | {label} | {x['build_s']:.1f} | {x['p50_ms']:.3f} | {x['p99_ms']:.3f} | "
                              f"{x['recall_at_5']:.3f} | {x.get('top1', 1.0):.3f} | {x['index_mb']:.0f} |")
+    rows = [r for r in report["sizes"] if "memory_search" in r]
+    if rows:
+        lines += ["", "## Through `Memory` itself", "",
+                  "The vectors as rows of Ratchet's SQLite; `Memory(...)` opens and builds the index from the stored "
+                  "embeddings; `Memory.search(text, user, k=3)` (embed, search the caller's and the shared index, "
+                  "SQLite lookup, newest-wins) one query at a time, cache cleared first.", "",
+                  "| memories | rows written s | open + build index s | p50 ms | p99 ms | queries with a hit |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            x = r["memory_search"]
+            lines.append(f"| {r['n']:,} | {x['insert_s']:.1f} | {x['open_and_build_index_s']:.1f} | {x['p50_ms']:.2f} | "
+                         f"{x['p99_ms']:.2f} | {x['queries_with_a_hit']:.1%} |")
     lines += ["", "## IVF nprobe sweep (recall@5 / p50 ms)", "",
               "| memories | " + " | ".join(f"nprobe {p}" for p in report["sizes"][0]["ivf"]["sweep"]) + " |",
               "|---:|" + "---:|" * len(report["sizes"][0]["ivf"]["sweep"])]
@@ -296,6 +354,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--records", type=int, default=None, help="use only the first N zsRE records (a smoke run)")
+    parser.add_argument("--memory-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure Memory.search over a real Ratchet database of each size")
     parser.add_argument("--hnsw-up-to", type=int, default=100_000, help="build HNSW for comparison up to this size")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -306,7 +366,8 @@ def main() -> None:
     locality = list(dict.fromkeys(r["locality_question"] for r in recs))
     paraphrases = [r["paraphrase"] for r in recs]
     onnx = Embedder(backend="onnx")
-    real = embed_cached(onnx, questions + [t for t in locality if t not in set(questions)])
+    real_texts = questions + [t for t in locality if t not in set(questions)]
+    real = embed_cached(onnx, real_texts)
     queries = embed_cached(onnx, paraphrases)
     rng = np.random.default_rng(1)
     order = rng.permutation(len(paraphrases))
@@ -335,7 +396,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT / "reports" / "tmp") as work:
         for n in sizes:
             report["sizes"].append(bench_size(n, real, queries, query_texts, onnx, Path(work), args.hnsw_up_to,
-                                              sqlite_queries=50 if n <= 100_000 else 12))
+                                              sqlite_queries=50 if n <= 100_000 else 12,
+                                              real_texts=real_texts if args.memory_path else None))
             write_reports(report)
     print((REPORTS / "memory.md").read_text())
 
