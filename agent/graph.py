@@ -6,6 +6,7 @@ checkpointer and a thread id the conversation's history is kept between calls.
 
 from __future__ import annotations
 
+import logging
 import operator
 import time
 import uuid
@@ -19,6 +20,8 @@ from agent.prompt import with_memories
 from agent.protocol import ChatModel, Completion
 from memory import Memory
 from memory.store import RELEVANCE_THRESHOLD
+
+log = logging.getLogger("ratchet.agent")
 
 
 class ChatState(TypedDict, total=False):
@@ -106,6 +109,12 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
             completion_tokens=c["completion_tokens"],
             latency_ms=state.get("latency_ms"),
         )
+        # Failures nobody reports: an abstention, an answer against an active correction, the
+        # same question asked again. Recording them must never cost the user the answer.
+        try:
+            memory.detect_failures(response_id, state.get("memories") if state.get("use_memory", True) else None)
+        except Exception:
+            log.exception("could not check %s for failures", response_id)
         return {"response_id": response_id}
 
     graph = StateGraph(ChatState)

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "dev.jsonl"
+from evals.zsre_data import ZSRE
 
 VARIANTS = {
     # name: (TrainingConfig overrides, replay anchors?, templates, anchor answer tokens)

@@ -22,9 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evals.server import RatchetServer
+from evals.zsre_data import ZSRE
 from trainer.evaluate import CORRECTNESS_RULE, is_correct
-
-ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "dev.jsonl"
 USER = "zsre-eval"
 MAX_TOKENS = 32
 

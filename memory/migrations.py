@@ -137,3 +137,42 @@ def m002_api_keys(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["api_keys"].create_index(["hash"], unique=True)
+
+
+@migration
+def m003_memory_scopes(db: sqlite_utils.Database) -> None:
+    """Memories keep their embedding (so the index is rebuilt without re-embedding), a normalised
+    question key (newest-wins and merging look it up), who retracted them, how many duplicates were
+    merged into them, and whether a consolidation has unlearnt their retraction. Failures that come
+    without feedback get their own table; an interaction that failed keeps its error."""
+    memories = db["memories"]
+    memories.add_column("question_key", str)
+    memories.add_column("embedding", bytes)
+    memories.add_column("embedder", str)
+    memories.add_column("source", str)  # feedback | direct | failure
+    memories.add_column("merged", int, not_null_default=0)  # duplicates merged into this one
+    memories.add_column("updated_at", str)
+    memories.add_column("retracted_by", str)
+    memories.add_column("retraction_consolidated_in", int)  # cycle that unlearnt it after retraction
+    for row in list(db.query("select id, question from memories")):
+        key = " ".join((row["question"] or "").lower().split()).rstrip("?.! ")
+        db.execute("update memories set question_key = ? where id = ?", [key, row["id"]])
+    memories.create_index(["question_key"])
+    memories.create_index(["retracted_at"])
+    db["interactions"].add_column("error", str)
+    db["interactions"].create_index(["user", "created_at"])
+    db["failures"].create(
+        {
+            "id": int,
+            "kind": str,  # engine_error | timeout | abstention | contradiction | repeat
+            "response_id": str,  # the interaction that failed
+            "user": str,
+            "detail": str,
+            "created_at": str,
+            "lesson_id": int,  # the memory made from it, once it is turned into a lesson
+        },
+        pk="id",
+        foreign_keys=[("response_id", "interactions", "id")],
+    )
+    db["failures"].create_index(["kind"])
+    db["failures"].create_index(["response_id"])

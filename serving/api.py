@@ -1,6 +1,7 @@
-"""The HTTP API: OpenAI-compatible chat, plus feedback, consolidations and adapters.
+"""The HTTP API: OpenAI-compatible chat, plus feedback, memories, failures, consolidations and adapters.
 
-One router per resource; one place maps exceptions to OpenAI-shaped errors.
+One router per resource; one place maps exceptions to OpenAI-shaped errors. Who calls is one
+dependency (`caller_user`), and admin-only operations go through another (`require_admin`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import logging
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from memory import Correction, NotAllowed, UnknownFailure, UnknownMemory
+from memory.failures import KINDS as FAILURE_KINDS
 from memory.store import LOCAL_USER, UnknownResponse
 from serving.auth import OPEN, Caller, is_loopback
 from serving.engines import EngineError
@@ -62,6 +65,19 @@ class AgreementRequest(BaseModel):
     completion: str = Field(min_length=1)
 
 
+class MemoryRequest(BaseModel):
+    question: str = Field(min_length=1, max_length=4000)
+    answer: str = Field(min_length=1, max_length=4000)
+    shared: bool = False  # shared with every user: admin only
+    user: str | None = None
+
+
+class LessonRequest(BaseModel):
+    answer: str = Field(min_length=1, max_length=4000)
+    shared: bool = False  # for everyone, rather than for the user whose question failed
+    user: str | None = None
+
+
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None):
@@ -97,6 +113,41 @@ def admin_only(caller):
         return who
 
     return admin
+
+
+def caller_user(caller):
+    """The dependency for the user a request acts as: a key's user; with no keys configured, the
+    `user` query parameter, else the `user` field of a JSON body, else `local`."""
+
+    async def user(request: Request, who: Caller = Depends(caller)) -> str:
+        if who.user is not None:
+            return who.user
+        name = request.query_params.get("user")
+        if name is None and request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("user"), str):
+                name = body["user"]
+        return name or LOCAL_USER
+
+    return user
+
+
+def _memory(c: Correction, score: float | None = None) -> dict:
+    out = {"id": c.id, "object": "memory", "question": c.question, "answer": c.answer, "user": c.user,
+           "shared": c.shared, "created_at": c.created_at, "retracted_at": c.retracted_at,
+           "consolidated_in": c.consolidated_in, "merged": c.merged, "source": c.source}
+    if score is not None:
+        out["score"] = round(score, 4)
+    return out
+
+
+def _failure(row: dict) -> dict:
+    return {"id": row["id"], "object": "failure", "kind": row["kind"], "response_id": row["response_id"],
+            "user": row["user"], "detail": row["detail"], "created_at": row["created_at"], "lesson_id": row["lesson_id"],
+            "prompt": row.get("prompt"), "response": row.get("response")}
 
 
 # -- routers -------------------------------------------------------------------------------
@@ -195,6 +246,78 @@ def feedback_router(r: Ratchet, caller) -> APIRouter:
             user=who.user or body.user,
         )
         return {"id": feedback_id, "object": "feedback", "response_id": body.response_id}
+
+    return router
+
+
+def memories_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["memories"])
+    caller_user_ = caller_user(caller)
+    require_admin = admin_only(caller)
+
+    @router.get("/v1/memories")
+    def memories(user: str = Depends(caller_user_), query: str | None = None,
+                 limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0),
+                 threshold: float | None = Query(None, ge=-1.0, le=1.0)):
+        """With `query`: the caller's visible memories nearest to it (newest-wins applied); without:
+        the caller's visible memories, newest first."""
+        if query:
+            hits = r.memory.search(query, user, k=limit, threshold=r.settings.memory_threshold if threshold is None
+                                   else threshold, max_chars=None)
+            return {"object": "list", "data": [_memory(h.correction, h.score) for h in hits]}
+        return {"object": "list", "data": [_memory(c) for c in r.memory.visible(user, limit=limit, offset=offset)]}
+
+    @router.post("/v1/memories", status_code=201)
+    def add_memory(body: MemoryRequest, user: str = Depends(caller_user_), who: Caller = Depends(caller)):
+        if body.shared and not who.admin:
+            raise OpenAIError(403, "a shared memory needs an admin key", "permission_error", "admin_required")
+        memory_id = r.memory.add_correction(body.question, body.answer, user=None if body.shared else user)
+        return _memory(r.memory.get(memory_id, user, admin=True))
+
+    @router.post("/v1/memories/rebuild-index", dependencies=[Depends(require_admin)])
+    def rebuild_index():
+        started = time.perf_counter()
+        n = r.memory.rebuild_index()
+        return {"object": "memory.index", "memories": n, "scopes": len(r.memory.index.scopes()),
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    @router.get("/v1/memories/{memory_id}")
+    def memory(memory_id: int, user: str = Depends(caller_user_)):
+        return _memory(r.memory.get(memory_id, user))
+
+    @router.delete("/v1/memories/{memory_id}")
+    def retract(memory_id: int, user: str = Depends(caller_user_), who: Caller = Depends(caller)):
+        """Retract: by the user who gave it, or by an admin (the only way for a shared memory)."""
+        try:
+            c = r.memory.retract(memory_id, user)
+        except (UnknownMemory, NotAllowed):
+            if not who.admin:
+                raise
+            c = r.memory.retract(memory_id, user, admin=True)
+        return {**_memory(c), "deleted": True}
+
+    return router
+
+
+def failures_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["failures"], dependencies=[Depends(admin_only(caller))])
+
+    @router.get("/v1/failures")
+    def failures(kind: Literal[FAILURE_KINDS] | None = None, user: str | None = None,  # type: ignore[valid-type]
+                 open: bool = False, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+        rows = r.memory.failures(kind=kind, user=user, open_only=open, limit=limit, offset=offset)
+        return {"object": "list", "data": [_failure(f) for f in rows]}
+
+    @router.get("/v1/failures/{failure_id}")
+    def failure(failure_id: int):
+        return _failure(r.memory.failure(failure_id))
+
+    @router.post("/v1/failures/{failure_id}/lesson", status_code=201)
+    def lesson(failure_id: int, body: LessonRequest):
+        """Turn the failure into a correction of its question with `answer`."""
+        memory_id = r.memory.lesson_from_failure(failure_id, body.answer, shared=body.shared)
+        return {"object": "lesson", "failure": _failure(r.memory.failure(failure_id)),
+                "memory": _memory(r.memory.get(memory_id, None, admin=True))}
 
     return router
 
@@ -323,7 +446,8 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
                   lifespan=lifespan)
     caller = authenticate(r)
-    for make in (chat_router, feedback_router, consolidations_router, adapters_router, evaluations_router):
+    for make in (chat_router, feedback_router, memories_router, failures_router, consolidations_router,
+                 adapters_router, evaluations_router):
         app.include_router(make(r, caller))
 
     @app.get("/health")
@@ -354,6 +478,19 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
             if isinstance(e, EngineUnavailable):
                 response.headers["Retry-After"] = "5"
             return response
+
+    @app.exception_handler(UnknownMemory)
+    async def _unknown_memory(_: Request, e: UnknownMemory):
+        return error(404, f"no memory {e.args[0]!r} that you can see", "invalid_request_error", "memory_not_found")
+
+    @app.exception_handler(NotAllowed)
+    async def _not_allowed(_: Request, e: NotAllowed):
+        return error(403, str(e), "permission_error", "not_allowed")
+
+    @app.exception_handler(UnknownFailure)
+    async def _unknown_failure(_: Request, e: UnknownFailure):
+        return error(404, f"no failure {e.args[0]!r}", "invalid_request_error", "failure_not_found")
+
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):

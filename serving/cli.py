@@ -1,4 +1,4 @@
-"""The `ratchet` command: serve, chat, feedback, consolidate, adapters."""
+"""The `ratchet` command: serve, chat, feedback, consolidate, adapters, and `ratchet memory ...`."""
 
 from __future__ import annotations
 
@@ -260,6 +260,91 @@ def eval_zsre(
                        models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency)
     out.print((output / "report.md").read_text())
     console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
+
+
+# -- ratchet memory ... (over HTTP like the rest; rebuild-index also offline, on --data-dir) ------
+memory_app = typer.Typer(help="Search, retract and inspect memories; list failures and turn them into lessons.",
+                         no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+
+
+@memory_app.command("search")
+def memory_search(
+    query: str = typer.Argument(..., help="What to look for"),
+    user: Optional[str] = typer.Option(None, help="Search as this user (default: local)"),
+    limit: int = typer.Option(5, help="At most this many"),
+    threshold: Optional[float] = typer.Option(None, help="Minimum cosine similarity (default: the server's)"),
+    url: str = URL,
+):
+    """The memories a user may see that are nearest to QUERY (newest correction of a question wins)."""
+    params = {"query": query, "limit": limit, **({"user": user} if user else {}),
+              **({"threshold": threshold} if threshold is not None else {})}
+    r = _request("GET", f"{url}/v1/memories", params=params)
+    table = Table("id", "score", "scope", "question", "answer")
+    for m in r["data"]:
+        table.add_row(str(m["id"]), f"{m['score']:.3f}", "shared" if m["shared"] else m["user"], m["question"], m["answer"])
+    out.print(table if r["data"] else "nothing in memory near that")
+
+
+@memory_app.command("retract")
+def memory_retract(
+    memory_id: int = typer.Argument(..., help="The memory's id (see `ratchet memory search`)"),
+    user: Optional[str] = typer.Option(None, help="Retract as this user (the one who gave it); admins may omit it"),
+    url: str = URL,
+):
+    """Take a correction out of retrieval at once; the next consolidation takes it out of the weights."""
+    r = _request("DELETE", f"{url}/v1/memories/{memory_id}", params={"user": user} if user else {})
+    out.print(f"memory {r['id']} retracted ({r['question']!r} → {r['answer']!r})")
+
+
+@memory_app.command("failures")
+def memory_failures(
+    kind: Optional[str] = typer.Option(None, help="engine_error, timeout, abstention, contradiction or repeat"),
+    user: Optional[str] = typer.Option(None, help="Only this user's"),
+    open_only: bool = typer.Option(False, "--open", help="Only those not yet turned into a lesson"),
+    limit: int = typer.Option(50),
+    url: str = URL,
+):
+    """Failures that came without feedback, newest first."""
+    params = {"limit": limit, "open": open_only, **({"kind": kind} if kind else {}), **({"user": user} if user else {})}
+    r = _request("GET", f"{url}/v1/failures", params=params)
+    table = Table("id", "kind", "user", "question", "answer", "detail", "lesson")
+    for f in r["data"]:
+        table.add_row(str(f["id"]), f["kind"], f["user"] or "", (f["prompt"] or "")[:60], (f["response"] or "")[:40],
+                      (f["detail"] or "")[:50], str(f["lesson_id"] or ""))
+    out.print(table if r["data"] else "no failures")
+
+
+@memory_app.command("lesson")
+def memory_lesson(
+    failure_id: int = typer.Argument(..., help="The failure's id (see `ratchet memory failures`)"),
+    answer: str = typer.Argument(..., help="The right answer to the question that failed"),
+    shared: bool = typer.Option(False, "--shared", help="For every user, not only the one who asked"),
+    url: str = URL,
+):
+    """Turn a failure into a lesson: a correction of its question, used from now on."""
+    r = _request("POST", f"{url}/v1/failures/{failure_id}/lesson", json={"answer": answer, "shared": shared})
+    out.print(f"memory {r['memory']['id']} made from failure {failure_id}: {r['memory']['question']!r} → {answer!r}")
+
+
+@memory_app.command("rebuild-index")
+def memory_rebuild_index(
+    data_dir: Optional[Path] = typer.Option(None, help="Rebuild offline, in this data directory (the server stopped)"),
+    url: str = URL,
+):
+    """Rebuild the FAISS indexes from SQLite: through the server, or offline with --data-dir."""
+    if data_dir is None:
+        r = _request("POST", f"{url}/v1/memories/rebuild-index")
+        out.print(f"index rebuilt: {r['memories']} memories in {r['scopes']} scope(s), {r['seconds']} s")
+        return
+    from memory import Memory
+
+    started = time.monotonic()
+    m = Memory(data_dir, open_index=False)
+    n = m.rebuild_index()
+    scopes = len(m.index.scopes())
+    m.close()
+    out.print(f"index rebuilt: {n} memories in {scopes} scope(s), {time.monotonic() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,13 @@ class Ratchet:
     def chat(self, messages: list[dict], *, model: str | None = None, **kwargs) -> Reply:
         kwargs.setdefault("max_tokens", self.settings.max_tokens)
         with self._holding(model) as adapter:
-            return self.agent.chat(messages, adapter=adapter, model_name=model or ACTIVE_NAME, **kwargs)
+            started = time.perf_counter()
+            try:
+                return self.agent.chat(messages, adapter=adapter, model_name=model or ACTIVE_NAME, **kwargs)
+            except (EngineError, TimeoutError) as e:
+                self._record_engine_failure(e, messages, model, adapter, kwargs,
+                                            (time.perf_counter() - started) * 1000)
+                raise
 
     def chat_stream(self, messages: list[dict], *, model: str | None = None, **kwargs) -> tuple[str, str | None, Iterator]:
         """(response id, adapter, pieces): the pieces are text, then the Reply. Errors about the
@@ -225,6 +231,16 @@ class Ratchet:
         if not answer_ids:
             return 0, 0
         return self.engine.agreement(prompt_ids, answer_ids, adapter=self.adapter_for(model)), len(answer_ids)
+
+    def _record_engine_failure(self, error, messages, model, adapter, kwargs, latency_ms) -> None:
+        """An answer that never came is a failure too (engine_error or timeout), listed with the rest."""
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        try:
+            self.memory.record_engine_failure(error, prompt=prompt, user=kwargs.get("user"), model=model or ACTIVE_NAME,
+                                              adapter=adapter, thread_id=kwargs.get("thread_id"), messages=messages,
+                                              latency_ms=latency_ms)
+        except Exception:
+            log.exception("could not record the engine failure")
 
     # -- adapters ------------------------------------------------------------------------
     def promote(self, adapter: AdapterVersion) -> None:

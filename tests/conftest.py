@@ -71,6 +71,7 @@ class EchoModel:
         self.hold: threading.Event | None = None  # when set up, each answer waits for it
         self.entered = threading.Event()  # set when an answer starts
         self.strict = False  # True: an adapter that is not loaded fails the request, as in a real engine
+        self.refuse = False  # True: alive, but every answer fails (an engine error, not a dead engine)
 
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         from agent.protocol import Completion
@@ -78,6 +79,8 @@ class EchoModel:
 
         if not self.running:
             raise EngineError("the echo engine is down")
+        if self.refuse:
+            raise EngineError("the echo engine refuses")
         self.calls.append({"messages": messages, "adapter": adapter})
         self.entered.set()
         if self.hold is not None:

@@ -86,11 +86,11 @@ def test_the_openai_client_streams(ratchet, live_server):
 
 
 def test_an_engine_failure_mid_stream_is_an_error_event(client, echo_model):
-    echo_model.running = False  # the engine refuses: the stream carries an OpenAI-shaped error
+    echo_model.refuse = True  # the engine refuses: the stream carries an OpenAI-shaped error
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}], "stream": True})
     chunks = events(r)
     assert chunks[-1] == "[DONE]"
-    assert chunks[-2]["error"]["code"] == "engine_error"
+    assert chunks[-2]["error"]["code"] == "engine_error", chunks
 
 
 # -- models, activation, rollback ----------------------------------------------------------------

@@ -142,7 +142,8 @@ class Cycles:
         cfg = self.config
         templates = TEMPLATES[: cfg.templates]
         active = self.registry.active()
-        retracted = active is not None and self.memory.retracted_consolidated_since(active.created_at) > 0
+        unlearn = self.memory.retractions_to_unlearn()
+        retracted = active is not None and bool(unlearn)
         init = active.path if (active is not None and cfg.continue_from_active and not retracted) else None
         earlier = [c for c in corrections if c.consolidated_in is not None]
         if init is None:
@@ -161,6 +162,7 @@ class Cycles:
             "start": "active" if init else "base",
             "init_adapter": init,
             "retraction_forced_rebuild": retracted,
+            "unlearnt_retractions": [c.id for c in unlearn],
             "correction_examples": n_corrections,
             "replayed_earlier": replayed,
             "anchor_examples": len(examples) - n_corrections,
@@ -174,7 +176,7 @@ class Cycles:
         try:
             corrections = self.memory.corrections()
             new = [c for c in corrections if c.consolidated_in is None]
-            if not new:
+            if not new and not (self.memory.retractions_to_unlearn() and self.registry.active()):
                 self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0,
                              message="no new corrections", n_corrections=0)
                 return self.get(cycle_id)
@@ -230,6 +232,7 @@ class Cycles:
             self._update(cycle_id, message="promoting")
             self.on_promote(adapter)
             self.memory.mark_consolidated([c.id for c in new], cycle_id)
+            self.memory.mark_retractions_consolidated(plan["unlearnt_retractions"], cycle_id)
             self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0, adapter_version=version,
                          message=f"promoted {adapter.name}", metrics=metrics)
         except Exception as e:  # the cycle's failure is data, not a crash of the server

@@ -1,0 +1,30 @@
+"""The zsRE dev records (../shared/data/zsre/dev.jsonl) and their embeddings, cached per embedder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ZSRE = Path(os.environ.get("RATCHET_ZSRE", ROOT.parent / "shared" / "data" / "zsre" / "dev.jsonl"))
+CACHE = ROOT / "reports" / "tmp"
+
+
+def records() -> list[dict]:
+    return [json.loads(line) for line in ZSRE.open()]
+
+
+def embed_cached(embedder, texts: list[str]) -> np.ndarray:
+    """`embedder.embed(texts)`, kept in reports/tmp/ (ignored by git) between runs."""
+    key = hashlib.sha256(("\n".join(texts) + "|" + embedder.name + "|" + embedder.backend).encode()).hexdigest()[:16]
+    path = CACHE / f"vectors-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    vectors = np.vstack([embedder.embed_uncached(texts[i : i + 256]) for i in range(0, len(texts), 256)])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
