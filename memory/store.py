@@ -18,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from collections import defaultdict
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable

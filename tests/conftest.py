@@ -170,3 +170,23 @@ class LiveServer:
 @pytest.fixture
 def live_server():
     return LiveServer
+
+
+@pytest.fixture
+def start_ratchet(tmp_path, tiny_model, echo_model):
+    """Start a Ratchet on the echo model in this test's folder: `start_ratchet(**settings)`; the
+    test's client is `TestClient(create_app(r))`. Everything started is stopped afterwards."""
+    from serving.service import Ratchet
+    from serving.settings import Settings
+
+    started = []
+
+    def start(**settings):
+        r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model, **settings), engine=echo_model)
+        r.start()
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()

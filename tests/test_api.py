@@ -5,8 +5,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.api import create_app
-from serving.service import Ratchet
-from serving.settings import Settings
 from trainer.cycle import CycleConfig
 from trainer.lora import TrainingConfig
 
@@ -14,14 +12,9 @@ Q = "What university did Watts Humphrey attend?"
 
 
 @pytest.fixture
-def ratchet(tmp_path, tiny_model, echo_model):
-    settings = Settings(data_dir=tmp_path, model=tiny_model, engine="transformers",
-                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False,
-                                          gate_enabled=False))
-    r = Ratchet(settings, engine=echo_model)
-    r.start()
-    yield r
-    r.stop()
+def ratchet(start_ratchet):
+    return start_ratchet(cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False,
+                                           gate_enabled=False))
 
 
 @pytest.fixture

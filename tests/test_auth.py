@@ -7,19 +7,14 @@ from typer.testing import CliRunner
 from serving.api import create_app
 from serving.auth import ApiKeys, digest
 from serving.cli import app as cli
-from serving.service import Ratchet
-from serving.settings import Settings
 
 Q = "What university did Watts Humphrey attend?"
 runner = CliRunner()
 
 
 @pytest.fixture
-def ratchet(tmp_path, tiny_model, echo_model):
-    r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model), engine=echo_model)
-    r.start()
-    yield r
-    r.stop()
+def ratchet(start_ratchet):
+    return start_ratchet()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import time
 import pytest
 
 from trainer import base_model
-from trainer.base_model import EMBEDDED, MissingModelPackage, prepare_embedded, resolve_model
+from trainer.base_model import MissingModelPackage, prepare_embedded, resolve_model
 
 
 def test_the_embedded_model_is_a_float32_safetensors_folder(base_model):

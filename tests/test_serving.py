@@ -4,7 +4,6 @@ rollback, and the restart of a crashed engine. (The real vLLM engine: test_servi
 import json
 import threading
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -16,12 +15,9 @@ Q = "What university did Watts Humphrey attend?"
 
 
 @pytest.fixture
-def ratchet(tmp_path, tiny_model, echo_model):
+def ratchet(start_ratchet, echo_model):
     echo_model.strict = True
-    r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model, monitor_interval=0.05), engine=echo_model)
-    r.start()
-    yield r
-    r.stop()
+    return start_ratchet(monitor_interval=0.05)
 
 
 @pytest.fixture
