@@ -18,7 +18,6 @@ import json
 import threading
 import time
 import uuid
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
