@@ -176,3 +176,10 @@ def m003_memory_scopes(db: sqlite_utils.Database) -> None:
     )
     db["failures"].create_index(["kind"])
     db["failures"].create_index(["response_id"])
+
+
+@migration
+def m004_memory_confirmation(db: sqlite_utils.Database) -> None:
+    """An admin may confirm a correction from an untrusted user, so it enters the shared adapter."""
+    db["memories"].add_column("confirmed_at", str)
+    db["memories"].add_column("confirmed_by", str)

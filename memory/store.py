@@ -76,6 +76,7 @@ class Correction:
     retracted_by: str | None = None
     merged: int = 0
     source: str | None = None
+    confirmed_at: str | None = None  # an admin vouched for it
 
     @property
     def shared(self) -> bool:
@@ -412,6 +413,14 @@ class Memory:
             newest[row["question_key"] or _normal(row["question"])] = row
         return [_correction(r) for r in sorted(newest.values(), key=lambda r: r["id"])]
 
+    def confirm(self, memory_id: int, by: str | None) -> Correction:
+        """An admin confirms a correction: it may now enter the shared adapter."""
+        self.get(memory_id, None, admin=True)  # UnknownMemory if there is none
+        with atomic(self.db):
+            self.db.execute("update memories set confirmed_at = ?, confirmed_by = ? where id = ?",
+                            [now(), by, memory_id])
+        return self.get(memory_id, None, admin=True)
+
     def mark_consolidated(self, ids: list[int], cycle_id: int) -> None:
         if not ids:
             return
@@ -572,6 +581,7 @@ def _correction(row: dict) -> Correction:
         retracted_by=row.get("retracted_by"),
         merged=row.get("merged") or 0,
         source=row.get("source"),
+        confirmed_at=row.get("confirmed_at"),
     )
 
 

@@ -285,6 +285,12 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
     def memory(memory_id: int, user: str = Depends(caller_user_)):
         return _memory(r.memory.get(memory_id, user))
 
+    @router.post("/v1/memories/{memory_id}/confirm", dependencies=[Depends(require_admin)])
+    def confirm(memory_id: int, who: Caller = Depends(caller)):
+        """An admin vouches for a correction: it may now enter the shared adapter."""
+        c = r.memory.confirm(memory_id, who.user)
+        return {**_memory(c), "confirmed_at": c.confirmed_at, "trusted": r.trusted(c)}
+
     @router.delete("/v1/memories/{memory_id}")
     def retract(memory_id: int, user: str = Depends(caller_user_), who: Caller = Depends(caller)):
         """Retract: by the user who gave it, or by an admin (the only way for a shared memory)."""

@@ -297,6 +297,13 @@ def memory_retract(
     out.print(f"memory {r['id']} retracted ({r['question']!r} → {r['answer']!r})")
 
 
+@memory_app.command("confirm")
+def memory_confirm(memory_id: int = typer.Argument(..., help="The memory's id"), url: str = URL):
+    """Admin: vouch for a correction from an untrusted user, so the next cycle may learn it."""
+    r = _request("POST", f"{url}/v1/memories/{memory_id}/confirm")
+    out.print(f"memory {r['id']} confirmed ({r['question']!r} → {r['answer']!r})")
+
+
 @memory_app.command("failures")
 def memory_failures(
     kind: Optional[str] = typer.Option(None, help="engine_error, timeout, abstention, contradiction or repeat"),

@@ -70,7 +70,8 @@ class Ratchet:
             checkpointer=checkpointer,
         )
         self.cycles = Cycles(
-            self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir, on_promote=self.promote
+            self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir, on_promote=self.promote,
+            admits=self.trusted,
         )
         self.schedule = Schedule(self.cycles, settings.schedule)
         self._tokenizer = None
@@ -208,6 +209,13 @@ class Ratchet:
         pieces = self.agent.stream(messages, adapter=adapter, model_name=model or ACTIVE_NAME,
                                    response_id=response_id, **kwargs)
         return response_id, adapter, _Held(pieces, lambda: holding.__exit__(None, None, None))
+
+    def trusted(self, c) -> bool:
+        """May this correction enter the shared adapter? Shared or admin-confirmed ones, and those
+        of trusted users and of admin-key users."""
+        if c.user is None or c.confirmed_at or c.user in self.settings.trusted_users:
+            return True
+        return any(k.live and k.role == "admin" and k.user == c.user for k in self.keys.list())
 
     def feedback(self, response_id: str, rating: int, *, comment=None, correction=None, user=None) -> int:
         """Record feedback (committed when this returns); a correction may trigger a cycle."""

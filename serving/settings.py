@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory.store import RELEVANCE_THRESHOLD
+from memory.store import LOCAL_USER, RELEVANCE_THRESHOLD
 from serving.engines.vllm import VLLMOptions
 from trainer.base_model import EMBEDDED
 from trainer.cycle import CycleConfig
@@ -34,6 +34,9 @@ class Settings:
     # The active adapter also served merged into the weights by a second, plain vLLM (a blue/green
     # pair with the LoRA engine): see serving/engines/lanes.py and reports/serving.md.
     merged_lane: bool = False
+    # Whose corrections enter the shared adapter without an admin's confirmation (admin-key
+    # users always do). Others stay in their own memory. Default: the keyless local user.
+    trusted_users: tuple[str, ...] = (LOCAL_USER,)
     monitor_interval: float = 2.0  # seconds between checks that the engine is alive; 0: no monitor
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     cycle: CycleConfig = field(default_factory=CycleConfig)
@@ -54,6 +57,7 @@ class Settings:
             "host": os.environ.get("RATCHET_HOST"),
             "port": _int(os.environ.get("RATCHET_PORT")),
             "memory_threshold": _float(os.environ.get("RATCHET_MEMORY_THRESHOLD")),
+            "trusted_users": _names(os.environ.get("RATCHET_TRUSTED_USERS")),
             "merged_lane": _bool(os.environ.get("RATCHET_MERGED_LANE")),
         }
         every = overrides.pop("consolidate_every", None) or os.environ.get("RATCHET_CONSOLIDATE_EVERY")
@@ -62,6 +66,10 @@ class Settings:
         if "vllm" not in values:
             values["vllm"] = VLLMOptions.from_env()
         return cls(**values, schedule=ScheduleConfig(every=every, after_corrections=after))
+
+
+def _names(v: str | None) -> tuple[str, ...] | None:
+    return tuple(n.strip() for n in v.split(",") if n.strip()) if v is not None else None
 
 
 def _int(v: str | None) -> int | None:

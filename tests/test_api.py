@@ -118,3 +118,21 @@ def test_agreement_counts_the_tokens_the_model_would_predict(client):
     r = client.post("/v1/agreement", json=body).json()
     assert r["tokens"] >= 2 and r["matched"] == r["tokens"] and r["agreement"] == 1.0
     assert client.post("/v1/agreement", json={**body, "completion": ""}).status_code == 400
+
+
+def test_untrusted_corrections_wait_for_an_admin_before_entering_the_shared_adapter(ratchet):
+    _, admin_token = ratchet.keys.create("ops", "admin")
+    _, eve_token = ratchet.keys.create("eve")
+    admin = TestClient(create_app(ratchet), headers={"Authorization": f"Bearer {admin_token}"})
+    eve = TestClient(create_app(ratchet), headers={"Authorization": f"Bearer {eve_token}"})
+    rid = ask(eve, Q)["id"]
+    assert eve.post("/v1/feedback", json={"response_id": rid, "rating": -1, "correction": "Harvard"}).status_code == 201
+    assert ask(eve, Q)["choices"][0]["message"]["content"] == "Harvard"  # her own memory: at once
+    first = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
+    assert first["status"] == "succeeded" and first["message"] == "no new corrections"  # not trusted: not trained
+    memory_id = eve.get("/v1/memories").json()["data"][0]["id"]
+    assert eve.post(f"/v1/memories/{memory_id}/confirm").status_code == 403
+    r = admin.post(f"/v1/memories/{memory_id}/confirm")
+    assert r.status_code == 200 and r.json()["trusted"] is True
+    second = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
+    assert second["status"] == "succeeded" and second["adapter_version"] == 1 and second["n_corrections"] == 1

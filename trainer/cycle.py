@@ -54,6 +54,7 @@ class Cycles:
         config: CycleConfig,
         work_dir: str | Path,
         on_promote: Callable[[AdapterVersion], None],
+        admits: Callable[[Correction], bool] = lambda c: True,
     ):
         self.memory = memory
         self.db = memory.db
@@ -62,6 +63,7 @@ class Cycles:
         self.config = config
         self.work_dir = Path(work_dir)
         self.on_promote = on_promote
+        self.admits = admits  # which corrections may enter the shared adapter (trust)
         self._queue: queue.Queue[int] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -77,6 +79,14 @@ class Cycles:
         self._queue.put(cycle_id)
         self._ensure_worker()
         return cycle_id
+
+    def corrections(self) -> list[Correction]:
+        """The live corrections this adapter may learn: those `admits` lets in."""
+        return [c for c in self.memory.corrections() if self.admits(c)]
+
+    def pending(self) -> list[Correction]:
+        """Admitted corrections not yet in the weights."""
+        return [c for c in self.corrections() if c.consolidated_in is None]
 
     def busy(self) -> bool:
         """Is a cycle queued or running?"""
@@ -174,7 +184,7 @@ class Cycles:
         self._update(cycle_id, status="running", started_at=now(), message="collecting corrections")
         version = None
         try:
-            corrections = self.memory.corrections()
+            corrections = self.corrections()
             new = [c for c in corrections if c.consolidated_in is None]
             if not new and not (self.memory.retractions_to_unlearn() and self.registry.active()):
                 self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0,

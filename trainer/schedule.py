@@ -73,7 +73,7 @@ class Schedule:
     def submit_if_idle(self, trigger: str) -> int | None:
         """Queue a cycle unless one is queued or running, or nothing new waits."""
         with self._lock:
-            if self.cycles.busy() or not self.cycles.memory.corrections(include_consolidated=False):
+            if self.cycles.busy() or not self.cycles.pending():
                 return None
             return self.cycles.submit(trigger=trigger)
 
@@ -83,6 +83,6 @@ class Schedule:
         if n is None:
             return None
         with self._lock:
-            if self.cycles.busy() or len(self.cycles.memory.corrections(include_consolidated=False)) < n:
+            if self.cycles.busy() or len(self.cycles.pending()) < n:
                 return None
             return self.cycles.submit(trigger=f"after {n} corrections")
