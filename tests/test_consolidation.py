@@ -1,5 +1,5 @@
-"""Two consolidation cycles on the real model: the first is promoted, a deliberately harmful
-second candidate is rejected by the gate and never served."""
+"""Consolidation cycles on the real model: the first is promoted, a deliberately harmful second
+candidate is rejected by the gate and never served, and a retraction is unlearnt by the third."""
 
 import json
 from dataclasses import replace
@@ -21,8 +21,7 @@ def test_the_gate_promotes_a_good_candidate_and_rejects_a_harmful_one(memory, ba
     registry = AdapterRegistry(memory.db, tmp_path / "adapters")
     config = CycleConfig()
     cycles = Cycles(memory, registry, base_model, config, tmp_path, on_promote=lambda a: registry.activate(a.version))
-    for question, answer in FACTS:
-        memory.add_correction(question, answer)
+    ids = [memory.add_correction(question, answer) for question, answer in FACTS]
     first = cycles.wait(cycles.submit(), timeout=1200)
     assert first["status"] == "succeeded", first
     assert first["metrics"]["gate_efficacy"] == 1.0
@@ -39,3 +38,29 @@ def test_the_gate_promotes_a_good_candidate_and_rejects_a_harmful_one(memory, ba
     assert registry.get(2).status == "rejected"
     assert registry.active().version == 1  # still serving the good one
     assert memory.corrections(include_consolidated=False)[0].question == HARMFUL[0]
+
+    # Retraction: the harmful one and the first fact are taken back; the next cycle starts from
+    # the base model without them, and its adapter no longer gives the retracted answer.
+    harmful_id = memory.corrections(include_consolidated=False)[0].id
+    memory.retract(harmful_id, "local")
+    memory.retract(ids[0], "local")
+    cycles.config = config
+    third = cycles.wait(cycles.submit(), timeout=1200)
+    print("cycle 3:", json.dumps(third["metrics"]))
+    assert third["status"] == "succeeded", third
+    plan = json.loads((registry.folder_for(3) / "ratchet.json").read_text())["plan"]
+    assert plan["start"] == "base" and plan["retraction_forced_rebuild"] and plan["unlearnt_retractions"] == [ids[0]]
+    assert memory.retractions_to_unlearn() == []
+    assert not knows(base_model, registry.folder_for(3), *FACTS[0])
+    assert knows(base_model, registry.folder_for(1), *FACTS[0])  # (the first version did know it)
+
+
+def knows(base_model, adapter, question, answer) -> bool:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.evaluate import generate, is_correct
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), str(adapter)).eval()
+    return is_correct(answer, generate(model, tok, [question])[0])
