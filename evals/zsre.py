@@ -24,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evals.server import RatchetServer
 from evals.zsre_data import ZSRE
 from trainer.evaluate import CORRECTNESS_RULE, is_correct
-USER = "zsre-eval"
+# No `user` field: on a server without keys the caller is the trusted local user, whose
+# corrections enter the shared adapter; on a keyed server the key names the user.
 MAX_TOKENS = 32
 
 console = Console(stderr=True)
@@ -49,7 +50,7 @@ class Client:
 
     def ask(self, question: str, model: str, memory: bool) -> dict:
         body = {"model": model, "messages": [{"role": "user", "content": question}], "memory": memory,
-                "max_tokens": MAX_TOKENS, "temperature": 0, "user": USER}
+                "max_tokens": MAX_TOKENS, "temperature": 0}
         started = time.perf_counter()
         r = self.http.post("/v1/chat/completions", json=body)
         r.raise_for_status()
@@ -60,8 +61,7 @@ class Client:
         return {"id": reply["id"], "text": reply["choices"][0]["message"]["content"]}
 
     def correct(self, response_id: str, answer: str) -> None:
-        r = self.http.post("/v1/feedback", json={"response_id": response_id, "rating": -1, "correction": answer,
-                                                 "user": USER})
+        r = self.http.post("/v1/feedback", json={"response_id": response_id, "rating": -1, "correction": answer})
         r.raise_for_status()
 
     def agreement(self, question: str, completion: str, model: str) -> tuple[int, int]:

@@ -34,6 +34,7 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     assert s["memory_tier_at_once"]["reliability"] >= 0.5  # corrections help at once
     assert s["memory_tier_at_once"]["reliability"] > s["base"]["reliability"]
     assert 0.0 <= s["weights_only"]["locality_token"] <= 1.0
+    assert results["cycles"][0]["adapter"] == "ratchet-v1" or results["cycles"][0]["status"] == "rejected"
     assert (out / "accuracy_per_cycle.png").stat().st_size > 10_000
     assert (out / "first_cycle_over_time.png").stat().st_size > 10_000
     assert "| memory only |" in (out / "report.md").read_text()
