@@ -11,6 +11,7 @@ from pathlib import Path
 
 from memory.store import LOCAL_USER, RELEVANCE_THRESHOLD
 from serving.engines.vllm import VLLMOptions
+from trainer.anchors import GENERAL_PROMPTS, load_prompts
 from trainer.base_model import EMBEDDED
 from trainer.cycle import CycleConfig
 from trainer.schedule import ScheduleConfig
@@ -65,6 +66,9 @@ class Settings:
         values = {k: v for k, v in {**env, **overrides}.items() if v is not None}
         if "vllm" not in values:
             values["vllm"] = VLLMOptions.from_env()
+        if "cycle" not in values and os.environ.get("RATCHET_ANCHOR_PROMPTS"):
+            extra = load_prompts(os.environ["RATCHET_ANCHOR_PROMPTS"])
+            values["cycle"] = CycleConfig(anchor_prompts=GENERAL_PROMPTS + extra)
         return cls(**values, schedule=ScheduleConfig(every=every, after_corrections=after))
 
 

@@ -13,7 +13,7 @@ Q = "What university did Watts Humphrey attend?"
 
 @pytest.fixture
 def ratchet(start_ratchet):
-    return start_ratchet(cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False,
+    return start_ratchet(cycle=CycleConfig(training=TrainingConfig(epochs=1, min_steps=0, batch_size=4, r=4), anchors=False,
                                            gate_enabled=False))
 
 

@@ -14,7 +14,7 @@ runner = CliRunner()
 @pytest.fixture
 def server(tmp_path, tiny_model, echo_model, live_server):
     settings = Settings(data_dir=tmp_path, model=tiny_model,
-                        cycle=CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False,
+                        cycle=CycleConfig(training=TrainingConfig(epochs=1, min_steps=0, batch_size=4, r=4), anchors=False,
                                           gate_enabled=False))
     r = Ratchet(settings, engine=echo_model)
     r.start()

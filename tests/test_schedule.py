@@ -7,7 +7,7 @@ from trainer.lora import TrainingConfig
 from trainer.registry import AdapterRegistry
 from trainer.schedule import Schedule, ScheduleConfig, parse_every
 
-FAST = CycleConfig(training=TrainingConfig(epochs=1, batch_size=4, r=4), anchors=False, gate_enabled=False)
+FAST = CycleConfig(training=TrainingConfig(epochs=1, min_steps=0, batch_size=4, r=4), anchors=False, gate_enabled=False)
 
 
 @pytest.mark.parametrize("every", ["30m", "6h", "1d", "45s", "0 3 * * *", "*/15 * * * *"])

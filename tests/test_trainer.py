@@ -10,7 +10,7 @@ from trainer.lora import TrainingConfig, train_lora
 from trainer.registry import AdapterRegistry
 
 Q = "What university did Watts Humphrey attend?"
-FAST = TrainingConfig(epochs=1, batch_size=4, r=4, alpha=8)
+FAST = TrainingConfig(epochs=1, min_steps=0, batch_size=4, r=4, alpha=8)
 
 
 def test_each_correction_becomes_several_examples():
@@ -44,6 +44,33 @@ def test_train_lora_writes_a_plain_peft_folder(tiny_model, tmp_path):
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a")
     assert model.active_adapter == "default"
+
+
+def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.lora import _loss, _pad
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    anchor = encode(tok, Example("What is the capital of France?", "Paris is its capital.", distill=True), 64)
+    fact = encode(tok, Example(Q, "Illinois"), 64)
+    assert anchor["distill"] and not fact["distill"]
+    ids, labels, attention, distill = _pad([anchor, fact], tok.eos_token_id)
+    assert distill.tolist() == [True, False]
+    with torch.no_grad():
+        # a fresh adapter is the base model: nothing to distil, the anchor adds no loss
+        assert _loss(model, ids[:1], labels[:1], attention[:1], distill[:1], 1.0).item() == pytest.approx(0, abs=1e-5)
+        both = _loss(model, ids, labels, attention, distill, 1.0).item()
+        hf = model(input_ids=ids[1:], attention_mask=attention[1:], labels=labels[1:]).loss.item()
+        assert both == pytest.approx(hf, rel=1e-4)  # only the correction's cross-entropy remains
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # move the adapter away from the base: now the anchor costs something
+        assert _loss(model, ids[:1], labels[:1], attention[:1], distill[:1], 1.0).item() > 1e-3
 
 
 def test_train_lora_refuses_no_examples(tiny_model, tmp_path):
@@ -153,3 +180,18 @@ def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_mode
     gate = json.loads((registry.folder_for(1) / "ratchet.json").read_text())["gate"]
     assert gate["passed"] is False and gate["reasons"]
     assert len(memory.corrections(include_consolidated=False)) == 1  # still waiting for a good cycle
+
+
+def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, monkeypatch):
+    from serving.settings import Settings
+    from trainer.anchors import GENERAL_PROMPTS, load_prompts
+
+    path = tmp_path / "anchors.txt"
+    path.write_text("Who played Desmond Doss?\n\n  Who played Desmond Doss?  \nWhen was the Eiffel Tower built?\n")
+    assert load_prompts(path) == ("Who played Desmond Doss?", "When was the Eiffel Tower built?")
+    assert Settings.load(data_dir=tmp_path).cycle.anchor_prompts == GENERAL_PROMPTS
+    monkeypatch.setenv("RATCHET_ANCHOR_PROMPTS", str(path))
+    assert Settings.load(data_dir=tmp_path).cycle.anchor_prompts == GENERAL_PROMPTS + load_prompts(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no anchor prompts"):
+        load_prompts(path)

@@ -101,6 +101,15 @@ PROBE_PROMPTS = (
 )
 
 
+def load_prompts(path: str | Path) -> tuple[str, ...]:
+    """Anchor prompts from a text file, one per line (blank lines skipped)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    if not prompts:
+        raise ValueError(f"no anchor prompts in {path}")
+    return prompts
+
+
 def base_answers(base_model: str, cache: Path, prompts=GENERAL_PROMPTS, max_new_tokens: int = 32) -> list[Example]:
     """The base model's greedy answers to `prompts`, computed once and cached in `cache`."""
     cached = json.loads(cache.read_text()) if cache.exists() else {}
@@ -110,7 +119,7 @@ def base_answers(base_model: str, cache: Path, prompts=GENERAL_PROMPTS, max_new_
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(cached, indent=2))
     # A cut-off answer is trained without an end of turn, so replay does not teach stopping early.
-    return [Example(p, a["text"], complete=a["complete"]) for p, a in cached[key].items()]
+    return [Example(p, a["text"], complete=a["complete"], distill=True) for p, a in cached[key].items()]
 
 
 def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[dict]:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from memory import Correction, Memory
 from memory.db import atomic, now
-from trainer.anchors import base_answers
+from trainer.anchors import GENERAL_PROMPTS, base_answers
 from trainer.dataset import TEMPLATES, Example, examples_for
 from trainer.gate import GateConfig, run_gate
 from trainer.lora import TrainingConfig, train_lora
@@ -38,7 +38,10 @@ class CycleConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     templates: int = 2  # phrasings of each correction's question trained on (dataset.TEMPLATES)
     anchors: bool = True  # replay the base model's answers to general prompts
-    anchor_tokens: int = 32  # length of those replayed answers
+    # The prompts replayed; RATCHET_ANCHOR_PROMPTS adds a file of them (prompts like the users'
+    # own questions keep those answers in place best: reports/consolidation/).
+    anchor_prompts: tuple[str, ...] = GENERAL_PROMPTS
+    anchor_tokens: int = 16  # length of those replayed answers (shorter: cheaper steps)
     continue_from_active: bool = True  # start from the active adapter (else retrain from the base)
     replay_earlier: float = 1.0  # earlier corrections replayed per new one, when continuing
     gate_enabled: bool = True
@@ -167,7 +170,8 @@ class Cycles:
             replayed = len(replay)
         n_corrections = len(examples)
         if cfg.anchors:
-            examples += base_answers(self.base_model, self.work_dir / "anchors.json", max_new_tokens=cfg.anchor_tokens)
+            examples += base_answers(self.base_model, self.work_dir / "anchors.json", cfg.anchor_prompts,
+                                     max_new_tokens=cfg.anchor_tokens)
         return examples, {
             "start": "active" if init else "base",
             "init_adapter": init,

@@ -25,6 +25,7 @@ class Example:
     answer: str
     correction_id: int | None = None
     complete: bool = True  # False: a truncated answer, trained without an end of turn
+    distill: bool = False  # an anchor: trained to match the base model's next-token distribution (KL)
 
 
 def examples_for(corrections: list[Correction], templates: tuple[str, ...] = TEMPLATES) -> list[Example]:
@@ -51,7 +52,7 @@ def encode(tokenizer, example: Example, max_len: int) -> dict:
     answer_ids = tokenizer(example.answer + end, add_special_tokens=False)["input_ids"]
     ids = (list(prompt_ids) + list(answer_ids))[:max_len]
     labels = ([-100] * len(prompt_ids) + list(answer_ids))[:max_len]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "distill": example.distill}
 
 
 def _end_of_turn(tokenizer) -> str:
