@@ -20,14 +20,27 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from evals.zsre_data import ZSRE
+from evals.zsre_data import ZSRE, nq_anchor_prompts
 
+# Each recipe: TrainingConfig overrides; anchors replayed ("none", "general": the 48 built-in
+# prompts, "general+nq": those and NQ questions from zsRE records after the evaluated ones, never
+# one of the evaluated locality questions); question phrasings trained per correction; length of
+# the replayed anchor answers in tokens.
 VARIANTS = {
-    # name: (TrainingConfig overrides, replay anchors?, templates, anchor answer tokens)
-    "no-replay": ({"epochs": 4, "learning_rate": 1e-3}, False, 2, 0),
-    "replay": ({"epochs": 4, "learning_rate": 1e-3}, True, 2, 32),
-    "replay-upper": ({"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.5}, True, 2, 32),
-    "replay-upper-3ep": ({"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5}, True, 2, 32),
+    "no-replay": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0}, anchors="none",
+                      templates=2, anchor_tokens=0),
+    "replay-text": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0, "distill_weight": 0.0},
+                        anchors="general", templates=2, anchor_tokens=32),
+    "replay": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0}, anchors="general",
+                   templates=2, anchor_tokens=32),
+    # the default recipe (TrainingConfig's defaults), with the NQ anchors of `ratchet eval zsre`
+    "replay-nq-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5}, anchors="general+nq",
+                            templates=2, anchor_tokens=16),
+    # cheaper: 2 epochs, one phrasing per correction; and the same without any replay
+    "replay-nq-upper-2ep": dict(training={"epochs": 2, "min_steps": 0, "learning_rate": 2e-3, "layers_from": 0.5},
+                                anchors="general+nq", templates=1, anchor_tokens=16),
+    "no-replay-upper-2ep": dict(training={"epochs": 2, "min_steps": 0, "learning_rate": 2e-3, "layers_from": 0.5},
+                                anchors="none", templates=1, anchor_tokens=0),
 }
 
 
@@ -65,14 +78,17 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     from trainer.evaluate import agreement, generate, is_correct
     from trainer.lora import TrainingConfig, train_lora
 
-    overrides, replay, n_templates, anchor_tokens = VARIANTS[name]
+    from trainer.anchors import GENERAL_PROMPTS
+
+    v = VARIANTS[name]
     records = load_records(n)
     ref = base_reference(base, records, out)
     corrections = [Correction(i + 1, r["question"], r["answer"], None, "") for i, r in enumerate(records)]
-    examples = examples_for(corrections, TEMPLATES[:n_templates])
-    if replay:
-        examples += base_answers(base, out / "anchors.json", max_new_tokens=anchor_tokens)
-    config = replace(TrainingConfig(), **overrides)
+    examples = examples_for(corrections, TEMPLATES[: v["templates"]])
+    if v["anchors"] != "none":
+        prompts = GENERAL_PROMPTS + (nq_anchor_prompts(records) if v["anchors"] == "general+nq" else ())
+        examples += base_answers(base, out / "anchors.json", prompts, max_new_tokens=v["anchor_tokens"])
+    config = replace(TrainingConfig(), **v["training"])
     started = time.monotonic()
     result = train_lora(base, examples, out / f"adapter-{name}", config)
     train_seconds = time.monotonic() - started
@@ -86,7 +102,8 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
         "variant": name,
         "n": n,
         "config": asdict(config),
-        "replay": replay,
+        "anchors": v["anchors"],
+        "anchor_tokens": v["anchor_tokens"],
         "examples": len(examples),
         "train_seconds": round(train_seconds, 1),
         "steps": result.steps,

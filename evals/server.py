@@ -23,12 +23,13 @@ class RatchetServer:
     nothing it started (vLLM and its engine core) is left running."""
 
     def __init__(self, data_dir: str | Path, engine: str = "vllm", models_dir: str | Path | None = None,
-                 model: str | None = None, startup_timeout: float = 900):
+                 model: str | None = None, startup_timeout: float = 900, env: dict | None = None):
         self.data_dir = Path(data_dir)
         self.engine = engine
         self.models_dir = models_dir
         self.model = model
         self.startup_timeout = startup_timeout
+        self.extra_env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data_dir / f"serve-{engine}.log"
@@ -37,7 +38,7 @@ class RatchetServer:
 
     def __enter__(self) -> "RatchetServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         if self.models_dir:
             env["RATCHET_MODELS_DIR"] = str(self.models_dir)
         cmd = [sys.executable, "-m", "serving.cli", "serve", "--engine", self.engine, "--port", str(self.port),

