@@ -17,6 +17,15 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
+class _Database(sqlite_utils.Database):
+    def query(self, sql, params=None):
+        # sqlite-utils wraps each query in a SAVEPOINT; two threads' queries on the shared
+        # connection interleave them ("no such savepoint: sqlite_utils_query", seen at 8 concurrent
+        # chats). So a query takes the lock and returns its rows at once.
+        with self.write_lock:
+            return iter(list(super().query(sql, params)))
+
+
 def open_db(path: str | Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the Ratchet database at `path`.
 
@@ -26,7 +35,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-    db = sqlite_utils.Database(conn)
+    db = _Database(conn)
     db.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk before it is acknowledged, even if the machine loses power.
     db.execute("PRAGMA synchronous=FULL")

@@ -299,3 +299,32 @@ def test_a_skeleton_database_is_migrated_in_place(tmp_path, embedder):
     assert m.db["memories"].get(1)["question_key"] == "what university did watts humphrey attend"
     assert m.search(PARAPHRASE, user="ann")[0].correction.id == 1
     m.close()
+
+
+def test_the_shared_connection_takes_concurrent_queries_and_writes(tmp_path):
+    import threading
+
+    from memory.db import atomic, open_db
+
+    db = open_db(tmp_path / "c.db")
+    db["t"].insert({"id": 0, "n": 0}, pk="id")
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(300):
+                assert list(db.query("select count(*) as c from t"))[0]["c"] >= 1
+        except Exception as e:  # "no such savepoint: sqlite_utils_query" before the lock
+            errors.append(e)
+
+    def writer():
+        for i in range(1, 200):
+            with atomic(db):
+                db["t"].insert({"id": i, "n": i})
+
+    threads = [threading.Thread(target=reader) for _ in range(6)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and db["t"].count == 200
