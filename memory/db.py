@@ -30,7 +30,8 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the Ratchet database at `path`.
 
     The connection may be shared across threads: writes go through `atomic(db)`, which
-    serialises them and commits before it returns; WAL lets readers go on beside them.
+    serialises them and commits before it returns; `query` takes the same lock (see _Database);
+    WAL lets other connections read beside them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
