@@ -11,6 +11,7 @@ that is no longer wanted stops taking requests, finishes the ones it has, and is
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -123,20 +124,26 @@ class MergedLanes:
         shutil.rmtree(self.work_dir / adapter, ignore_errors=True)
         log.info("merged lane for %s stopped", adapter)
 
-    def _enter(self, adapter: str | None):
-        if adapter is None:
-            return None
+    @contextlib.contextmanager
+    def _route(self, adapter: str | None):
+        """The engine that serves `adapter` now and the adapter to ask it for: the adapter's
+        merged lane (a plain model) while one is serving, else the primary LoRA engine. A lane
+        is not stopped while a request it took is still in it."""
         with self._cond:
-            lane = self._lanes.get(adapter)
-            if lane is None or not lane.alive():
-                return None
-            self._inflight[adapter] += 1
-            return lane
-
-    def _leave(self, adapter: str) -> None:
-        with self._cond:
-            self._inflight[adapter] -= 1
-            self._cond.notify_all()
+            lane = self._lanes.get(adapter) if adapter is not None else None
+            if lane is not None and lane.alive():
+                self._inflight[adapter] += 1
+            else:
+                lane = None
+        if lane is None:
+            yield self.primary, adapter
+            return
+        try:
+            yield lane, None
+        finally:
+            with self._cond:
+                self._inflight[adapter] -= 1
+                self._cond.notify_all()
 
     # -- the Engine protocol ---------------------------------------------------------------
     def start(self) -> None:
@@ -178,30 +185,14 @@ class MergedLanes:
         return self.primary.adapters()
 
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
-        lane = self._enter(adapter)
-        if lane is None:
-            return self.primary.complete(messages, adapter=adapter, max_tokens=max_tokens, temperature=temperature)
-        try:
-            return lane.complete(messages, adapter=None, max_tokens=max_tokens, temperature=temperature)
-        finally:
-            self._leave(adapter)
+        with self._route(adapter) as (engine, name):
+            return engine.complete(messages, adapter=name, max_tokens=max_tokens, temperature=temperature)
 
     def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int:
         # A merged lane is a plain model: vLLM scores it (prompt_logprobs), which it cannot with LoRA.
-        lane = self._enter(adapter)
-        if lane is None:
-            return self.primary.agreement(prompt_ids, answer_ids, adapter=adapter)
-        try:
-            return lane.agreement(prompt_ids, answer_ids, adapter=None)
-        finally:
-            self._leave(adapter)
+        with self._route(adapter) as (engine, name):
+            return engine.agreement(prompt_ids, answer_ids, adapter=name)
 
     def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
-        lane = self._enter(adapter)
-        if lane is None:
-            yield from self.primary.stream(messages, adapter=adapter, max_tokens=max_tokens, temperature=temperature)
-            return
-        try:
-            yield from lane.stream(messages, adapter=None, max_tokens=max_tokens, temperature=temperature)
-        finally:
-            self._leave(adapter)
+        with self._route(adapter) as (engine, name):
+            yield from engine.stream(messages, adapter=name, max_tokens=max_tokens, temperature=temperature)
