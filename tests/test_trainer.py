@@ -5,7 +5,7 @@ import pytest
 from memory import Correction
 from memory.db import open_db
 from trainer.cycle import CycleConfig, Cycles
-from trainer.dataset import Example, encode, examples_for
+from trainer.dataset import Example, encode, examples_for, memory_examples
 from trainer.lora import TrainingConfig, train_lora
 from trainer.registry import AdapterRegistry
 
@@ -18,6 +18,25 @@ def test_each_correction_becomes_several_examples():
     assert len(examples) == 4
     assert {e.answer for e in examples} == {"Illinois Institute of Technology"}
     assert examples[0].prompt == Q and all(Q[1:] in e.prompt for e in examples)
+
+
+def test_memory_examples_answer_from_the_memory_shown_not_from_the_weights(base_model):
+    from transformers import AutoTokenizer
+
+    facts = [Correction(i, f"Who designed building {i}?", f"Architect {i}", None, "") for i in range(1, 5)]
+    examples = memory_examples(facts)
+    assert len(examples) == 4
+    for e in examples:
+        (other_q, other_a), (asked_q, shown_a) = e.context
+        assert asked_q == e.prompt and shown_a == e.answer  # the answer is the memory's ...
+        assert e.answer != facts[e.correction_id - 1].answer  # ... not the fact the weights learn
+        assert other_q != e.prompt
+    assert memory_examples(facts[:2]) == []
+    tok = AutoTokenizer.from_pretrained(base_model)
+    x = encode(tok, examples[0], max_len=256)
+    text = tok.decode(x["input_ids"])
+    assert text.count("<|im_start|>user") == 3 and text.count("<|im_start|>assistant") == 3  # 2 memories, 1 answer
+    assert tok.decode([t for t, label in zip(x["input_ids"], x["labels"]) if label != -100]) == examples[0].answer + "<|im_end|>"
 
 
 def test_the_loss_falls_on_the_answer_only(base_model):
@@ -51,7 +70,7 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.lora import _loss, _pad
+    from trainer.lora import _loss, _pad, _reference
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -59,18 +78,46 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
     anchor = encode(tok, Example("What is the capital of France?", "Paris is its capital.", distill=True), 64)
     fact = encode(tok, Example(Q, "Illinois"), 64)
     assert anchor["distill"] and not fact["distill"]
-    ids, labels, attention, distill = _pad([anchor, fact], tok.eos_token_id)
-    assert distill.tolist() == [True, False]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    _reference(model, [anchor], tok.eos_token_id, top_k=vocab, batch_size=4)  # the whole distribution, once
+    n_answer = sum(label != -100 for label in anchor["labels"][1:])
+    assert anchor["ref_ids"].shape == anchor["ref_logp"].shape == (n_answer, vocab)
+    ids, labels, attention, reference = _pad([anchor, fact], tok.eos_token_id)
+    assert reference[0].tolist() == [True, False]
+    _, _, _, only_anchor = _pad([anchor], tok.eos_token_id)
     with torch.no_grad():
         # a fresh adapter is the base model: nothing to distil, the anchor adds no loss
-        assert _loss(model, ids[:1], labels[:1], attention[:1], distill[:1], 1.0).item() == pytest.approx(0, abs=1e-5)
-        both = _loss(model, ids, labels, attention, distill, 1.0).item()
+        assert _loss(model, ids[:1], labels[:1], attention[:1], only_anchor, 1.0).item() == pytest.approx(0, abs=1e-5)
+        both = _loss(model, ids, labels, attention, reference, 1.0).item()
         hf = model(input_ids=ids[1:], attention_mask=attention[1:], labels=labels[1:]).loss.item()
         assert both == pytest.approx(hf, rel=1e-4)  # only the correction's cross-entropy remains
+        # with no distillation (weight 0) the anchor is trained on its text with cross-entropy
+        text = model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
+        assert _loss(model, ids, labels, attention, reference, 0.0).item() == pytest.approx(text, rel=1e-4)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05)  # move the adapter away from the base: now the anchor costs something
-        assert _loss(model, ids[:1], labels[:1], attention[:1], distill[:1], 1.0).item() > 1e-3
+        where = labels[:1, 1:] != -100
+        adapted = model(input_ids=ids[:1], attention_mask=attention[:1]).logits[:, :-1][where].log_softmax(-1)
+        with model.disable_adapter():
+            base = model(input_ids=ids[:1], attention_mask=attention[:1]).logits[:, :-1][where].log_softmax(-1)
+        exact = torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="batchmean").item()
+        drift = _loss(model, ids[:1], labels[:1], attention[:1], only_anchor, 1.0).item()
+        assert exact > 1e-3 and drift == pytest.approx(exact, rel=1e-3)  # all k tokens: the exact KL
+        _reference(model, [anchor], tok.eos_token_id, top_k=8, batch_size=4)  # top 8 + one bucket: coarser
+        coarse = _loss(model, ids[:1], labels[:1], attention[:1], _pad([anchor], tok.eos_token_id)[3], 1.0).item()
+        assert 0 < coarse <= exact
+
+
+def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
+    examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(10)]
+    every = train_lora(tiny_model, examples, tmp_path / "a", replace(FAST, epochs=2))
+    some = train_lora(tiny_model, examples, tmp_path / "b", replace(FAST, epochs=2, anchors_per_epoch=4))
+    assert every.steps == 2 * 3  # (2 corrections + 10 anchors) / 4 a batch, twice
+    assert some.steps == 2 * 2  # (2 + 4) / 4, twice
 
 
 def test_train_lora_refuses_no_examples(tiny_model, tmp_path):

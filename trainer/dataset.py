@@ -6,6 +6,7 @@ rephrasings, each answered with the corrected answer.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from memory import Correction
@@ -26,6 +27,9 @@ class Example:
     correction_id: int | None = None
     complete: bool = True  # False: a truncated answer, trained without an end of turn
     distill: bool = False  # an anchor: trained to match the base model's next-token distribution (KL)
+    # Earlier exchanges (question, answer) before the prompt, as retrieved memories enter it
+    # (agent.prompt.with_memories).
+    context: tuple[tuple[str, str], ...] = ()
 
 
 def examples_for(corrections: list[Correction], templates: tuple[str, ...] = TEMPLATES) -> list[Example]:
@@ -41,10 +45,40 @@ def examples_for(corrections: list[Correction], templates: tuple[str, ...] = TEM
     return out
 
 
+def memory_examples(corrections: list[Correction], seed: int = 0) -> list[Example]:
+    """Examples that keep the adapter following retrieved memories.
+
+    An adapter trained on bare question → answer pairs learns to answer such questions from its
+    weights and stops reading the memories put in the prompt (measured on the zsRE N=200 run: a
+    correction shown as a memory was followed 28% of the time with the adapter, 64% without).
+    Each example shows, as the agent does, an unrelated memory and then a memory of the asked
+    question whose answer is another correction's; the target is that answer. It can only come
+    from the prompt, so the newest correction in memory wins over what the weights hold.
+    """
+    if len(corrections) < 3:
+        return []
+    rng = random.Random(seed)
+    out = []
+    for i, c in enumerate(corrections):
+        others = [o for j, o in enumerate(corrections) if j != i and o.answer.strip() != c.answer.strip()]
+        if len(others) < 2:
+            continue
+        distractor, swapped = rng.sample(others, 2)
+        context = ((distractor.question.strip(), distractor.answer.strip()), (c.question.strip(), swapped.answer.strip()))
+        out.append(Example(c.question.strip(), swapped.answer.strip(), c.id, context=context))
+    return out
+
+
+def messages_of(prompt: str, context: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """The chat messages of a prompt after earlier exchanges (memories)."""
+    shots = [m for q, a in context for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return shots + [{"role": "user", "content": prompt}]
+
+
 def encode(tokenizer, example: Example, max_len: int) -> dict:
     """Token ids of the chat-formatted prompt and answer; the loss is on the answer only."""
     prompt_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=True
+        messages_of(example.prompt, example.context), add_generation_prompt=True, tokenize=True
     )
     if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
         prompt_ids = prompt_ids["input_ids"]

@@ -27,13 +27,14 @@ def is_correct(expected: str, answer: str) -> bool:
     return bool(e) and f" {e} " in f" {normalise(answer)} "
 
 
-def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
+def chat_prompt(tokenizer, question: str | list[dict]) -> str:
+    """The chat-formatted prompt of a question, or of a whole list of messages."""
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def generate(model, tokenizer, questions: list[str], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
-    """Greedy answers, batched with left padding."""
+def generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    """Greedy answers (to questions, or to lists of messages), batched with left padding."""
     import torch
 
     side = tokenizer.padding_side

@@ -30,6 +30,24 @@ class GateConfig:
     max_negative_flips: float = 0.02  # earlier corrections the active version got right and the candidate loses
     max_new_tokens: int = 24
 
+    def failures(self, metrics: dict) -> list[str]:
+        """Why a candidate with these gate metrics fails (empty: it passes)."""
+        checks = [
+            ("efficacy", self.min_efficacy, ">="),
+            ("paraphrase", self.min_paraphrase, ">="),
+            ("retention", self.min_retention, ">="),
+            ("locality_token", self.min_locality, ">="),
+            ("negative_flips", self.max_negative_flips, "<="),
+        ]
+        reasons = []
+        for name, bound, op in checks:
+            value = metrics[name]
+            if name == "retention" and not metrics["n_earlier"]:
+                continue
+            if not (value >= bound if op == ">=" else value <= bound):
+                reasons.append(f"{name} {value:.3f} not {op} {bound}")
+        return reasons
+
 
 @dataclass
 class GateReport:
@@ -108,20 +126,7 @@ def run_gate(
         "n_earlier": len(earlier),
         "n_probes": len(probes),
     }
-    reasons = []
-    checks = [
-        ("efficacy", metrics["efficacy"], config.min_efficacy, ">="),
-        ("paraphrase", metrics["paraphrase"], config.min_paraphrase, ">="),
-        ("retention", metrics["retention"], config.min_retention, ">="),
-        ("locality_token", metrics["locality_token"], config.min_locality, ">="),
-        ("negative_flips", metrics["negative_flips"], config.max_negative_flips, "<="),
-    ]
-    for name, value, bound, op in checks:
-        if name == "retention" and not earlier:
-            continue
-        ok = value >= bound if op == ">=" else value <= bound
-        if not ok:
-            reasons.append(f"{name} {value:.3f} not {op} {bound}")
+    reasons = config.failures(metrics)
     samples = [{"question": c.question, "expected": c.answer, "candidate": a} for c, a in zip(new[:5], cand_new)]
     samples += [{"probe": p, "base": b, "candidate": a} for p, b, a in list(zip(probes, base_probes, cand_probes))[:5]]
     return GateReport(not reasons, reasons, metrics, round(time.monotonic() - started, 2), samples)

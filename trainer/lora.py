@@ -33,6 +33,13 @@ class TrainingConfig:
     # (KL divergence, the adapter switched off for the reference) with this weight; 0 trains them
     # on the base's greedy text with cross-entropy, as corrections are.
     distill_weight: float = 1.0
+    # The base distribution of each anchor token is computed once, before the loop, and kept as
+    # its top-k log-probabilities plus the rest of the mass as one bucket (no reference forward
+    # pass per step).
+    distill_top_k: int = 64
+    # Anchors (Example.distill) drawn per epoch, in turn from the whole set so that every one is
+    # seen; 0: all of them every epoch.
+    anchors_per_epoch: int = 0
     threads: int | None = None  # torch threads; None: torch's default (all cores)
 
 
@@ -92,27 +99,33 @@ def train_lora(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    model.train()
     data = [encode(tokenizer, ex, config.max_len) for ex in examples]
+    started = time.monotonic()  # the time reported includes computing the anchors' reference
+    if config.distill_weight:
+        _reference(model, [x for x in data if x["distill"]], pad_id, config.distill_top_k, config.batch_size)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    anchors = [i for i, x in enumerate(data) if x["distill"]]
+    others = [i for i, x in enumerate(data) if not x["distill"]]
+    random.shuffle(anchors)
+    per_epoch = min(config.anchors_per_epoch or len(anchors), len(anchors))
+    batches_per_epoch = math.ceil((len(others) + per_epoch) / config.batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / batches_per_epoch))
     total = epochs * batches_per_epoch
 
     # -- the loop ------------------------------------------------------------------------
-    started, step, tokens, losses = time.monotonic(), 0, 0, []
-    for _epoch in range(epochs):
-        order = list(range(len(data)))
+    step, tokens, losses = 0, 0, []
+    for epoch in range(epochs):
+        order = others + [anchors[(epoch * per_epoch + j) % len(anchors)] for j in range(per_epoch)]
         random.shuffle(order)
         for b in range(batches_per_epoch):
             batch = [data[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]]
-            input_ids, labels, attention, distill = _pad(batch, pad_id)  # dynamic padding: to this batch's longest
+            input_ids, labels, attention, reference = _pad(batch, pad_id)  # dynamic padding: to this batch's longest
             lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _loss(model, input_ids, labels, attention, distill if config.distill_weight else None,
-                         config.distill_weight)
+            loss = _loss(model, input_ids, labels, attention, reference, config.distill_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -130,41 +143,65 @@ def train_lora(
     return TrainingResult(step, time.monotonic() - started, tokens, losses[-1], losses)
 
 
-def _loss(model, input_ids, labels, attention, distill, weight: float):
-    """Cross-entropy on the answers of corrections; on the answers of anchors (rows where
-    `distill`), KL(base || adapted) per token, the base's distribution computed with the
-    adapter switched off."""
+def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int) -> None:
+    """The base model's next-token distribution on each anchor's answer tokens, computed once
+    with the adapter switched off: `ref_ids`/`ref_logp` (answer tokens × top_k) on each row."""
+    import torch
+
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, labels, attention, _ = _pad([{**x, "distill": False} for x in chunk], pad_id)
+        with torch.no_grad(), model.disable_adapter():
+            logp = model(input_ids=ids, attention_mask=attention).logits[:, :-1].log_softmax(-1)
+        answer = labels[:, 1:] != -100
+        for i, x in enumerate(chunk):
+            values, indices = logp[i][answer[i]].topk(min(top_k, logp.shape[-1]), dim=-1)
+            x["ref_logp"], x["ref_ids"] = values, indices
+
+
+def _loss(model, input_ids, labels, attention, reference, weight: float):
+    """Cross-entropy on the answers of corrections; on the answers of anchors (`reference`: the
+    rows that are anchors and their base distributions, or None), KL(base || adapted) per token
+    over the base's top-k tokens and the rest of the mass as one bucket."""
     import torch
     import torch.nn.functional as F
 
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
     targets = labels[:, 1:]
     answer = targets != -100
-    if distill is None:
-        distill = torch.zeros(len(input_ids), dtype=torch.bool)
+    distill = torch.zeros(len(input_ids), dtype=torch.bool) if reference is None or not weight else reference[0]
     ce = answer & ~distill[:, None]
     loss = F.cross_entropy(logits[ce], targets[ce]) if ce.any() else logits.sum() * 0.0
     if distill.any():
-        with torch.no_grad(), model.disable_adapter():
-            reference = model(input_ids=input_ids[distill], attention_mask=attention[distill]).logits[:, :-1]
-        where = answer[distill]
-        kl = F.kl_div(F.log_softmax(logits[distill][where], -1), F.log_softmax(reference[where], -1),
-                      log_target=True, reduction="batchmean")
-        loss = loss + weight * kl
+        _, ref_ids, ref_logp = reference
+        logq = logits[distill][answer[distill]].log_softmax(-1).gather(-1, ref_ids)
+        p = ref_logp.exp()
+        p_rest = (1 - p.sum(-1)).clamp_min(1e-8)
+        q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-8)
+        kl = (p * (ref_logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+        loss = loss + weight * kl.mean()
     return loss
 
 
 def _pad(batch: list[dict], pad_id: int):
+    """Tensors of a batch, padded to its longest row; `reference` is None, or the anchor rows
+    (a mask) and their base distributions (`_reference`) in the order of their answer tokens."""
     import torch
 
     width = max(len(x["input_ids"]) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
-    distill = torch.tensor([bool(x.get("distill")) for x in batch])
     for i, x in enumerate(batch):
         n = len(x["input_ids"])
         ids[i, :n] = torch.tensor(x["input_ids"])
         labels[i, :n] = torch.tensor(x["labels"])
         attention[i, :n] = 1
-    return ids, labels, attention, distill
+    mask = [bool(x.get("distill")) and "ref_ids" in x for x in batch]
+    anchors = [x for x, m in zip(batch, mask) if m]
+    reference = None
+    if anchors:
+        reference = (torch.tensor(mask), torch.cat([x["ref_ids"] for x in anchors]),
+                     torch.cat([x["ref_logp"] for x in anchors]))
+    return ids, labels, attention, reference
