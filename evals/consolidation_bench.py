@@ -15,7 +15,7 @@ kept (its verdict by the default thresholds reported, every candidate promoted s
 cycle has something to keep), and after each cycle the adapter measured on zsRE as above plus the
 retention of the earlier cycles' corrections.
 
-    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-upper,no-replay-upper
+    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-upper-mem,no-replay-upper
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ VARIANTS = {
                         anchors="general", templates=2, anchor_tokens=32),
     "replay": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0}, anchors="general",
                    templates=2, anchor_tokens=32),
-    # the default recipe (TrainingConfig's defaults), with the NQ anchors of `ratchet eval zsre`
+    # TrainingConfig's defaults, with the NQ anchors of `ratchet eval zsre`; in --cycles, replay 1:1
+    # and no memory examples (the server's recipe before reports/consolidation/results_30x3.md)
     "replay-nq-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5}, anchors="general+nq",
                             templates=2, anchor_tokens=16),
     # cheaper: 2 epochs, one phrasing per correction; and the same without any replay
@@ -50,7 +51,7 @@ VARIANTS = {
                                 anchors="general+nq", templates=1, anchor_tokens=16),
     "no-replay-upper-2ep": dict(training={"epochs": 2, "min_steps": 0, "learning_rate": 2e-3, "layers_from": 0.5},
                                 anchors="none", templates=1, anchor_tokens=0),
-    # the default recipe with no replay at all: no anchors, no earlier corrections
+    # replay-nq-upper with no replay at all: no anchors, no earlier corrections, no memory examples
     "no-replay-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5}, anchors="none",
                             templates=2, anchor_tokens=0),
     # the default with 96 anchors an epoch, drawn in turn from the 198 (cheaper)
@@ -60,8 +61,8 @@ VARIANTS = {
     "replay-nq450-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5,
                                          "anchors_per_epoch": 198}, anchors="general+nq", nq=450, templates=2,
                                anchor_tokens=16),
-    # cycles only (--cycles): the default and also every earlier correction replayed (up to 3 per
-    # new one) and memory examples (dataset.memory_examples)
+    # the server's default recipe (--cycles only): also earlier corrections replayed up to 3 per new
+    # one, and memory examples (dataset.memory_examples)
     "replay-nq-upper-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5},
                                 anchors="general+nq", templates=2, anchor_tokens=16,
                                 cycle={"replay_earlier": 3.0, "memory_examples": True}),
