@@ -111,6 +111,16 @@ def base_reference(base: str, records: list[dict], out: Path, tag: str = "") -> 
     return ref
 
 
+def anchor_prompts(variant: dict, records: list[dict]) -> tuple[str, ...]:
+    """The prompts a recipe replays: none, the built-in ones, or those and NQ questions."""
+    from trainer.anchors import GENERAL_PROMPTS
+
+    if variant["anchors"] == "none":
+        return ()
+    nq = nq_anchor_prompts(records, variant.get("nq", 150)) if variant["anchors"] == "general+nq" else ()
+    return GENERAL_PROMPTS + nq
+
+
 def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,16 +131,14 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     from trainer.evaluate import agreement, generate, is_correct
     from trainer.lora import TrainingConfig, train_lora
 
-    from trainer.anchors import GENERAL_PROMPTS
-
     v = VARIANTS[name]
     records = load_records(n)
     ref = base_reference(base, records, out)
     corrections = [Correction(i + 1, r["question"], r["answer"], None, "") for i, r in enumerate(records)]
     examples = examples_for(corrections, TEMPLATES[: v["templates"]])
     if v["anchors"] != "none":
-        prompts = GENERAL_PROMPTS + (nq_anchor_prompts(records, v.get("nq", 150)) if v["anchors"] == "general+nq" else ())
-        examples += base_answers(base, out / "anchors.json", prompts, max_new_tokens=v["anchor_tokens"])
+        examples += base_answers(base, out / "anchors.json", anchor_prompts(v, records),
+                                 max_new_tokens=v["anchor_tokens"])
     config = replace(TrainingConfig(), **v["training"])
     started = time.monotonic()
     result = train_lora(base, examples, out / f"adapter-{name}", config)
@@ -170,7 +178,6 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
 
     from agent.prompt import with_memories
     from memory import Memory
-    from trainer.anchors import GENERAL_PROMPTS
     from trainer.cycle import CycleConfig, Cycles
     from trainer.evaluate import agreement, generate, is_correct
     from trainer.gate import GateConfig
@@ -178,11 +185,11 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
     from trainer.registry import AdapterRegistry
 
     v = VARIANTS[name]
-    records = distinct_records(n * cycles)
+    # the facts trained on, and after them facts never trained on, each shown as a memory the way
+    # the agent shows retrieved ones: is the memory still followed with the adapter on?
+    pool = distinct_records(n * cycles + n)
+    records, unseen = pool[: n * cycles], pool[n * cycles :]
     ref = base_reference(base, records, out, tag="-distinct")
-    # facts never trained on, each shown as a memory the way the agent shows retrieved ones: is
-    # the memory still followed with the adapter on?
-    unseen = distinct_records(n * cycles + n)[n * cycles :]
     with_memory = [with_memories([{"role": "user", "content": r[key]}], [r]) for key in ("question", "paraphrase")
                    for r in unseen]
     replay = v["anchors"] != "none"
@@ -190,7 +197,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
         training=replace(TrainingConfig(), **v["training"]),
         templates=v["templates"],
         anchors=replay,
-        anchor_prompts=GENERAL_PROMPTS + (nq_anchor_prompts(records, v.get("nq", 150)) if v["anchors"] == "general+nq" else ()),
+        anchor_prompts=anchor_prompts(v, records),
         anchor_tokens=v["anchor_tokens"] or 16,
         replay_earlier=1.0 if replay else 0.0,
         memory_examples=False,

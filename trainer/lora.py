@@ -151,7 +151,7 @@ def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int
     model.eval()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, labels, attention, _ = _pad([{**x, "distill": False} for x in chunk], pad_id)
+        ids, labels, attention, _ = _pad(chunk, pad_id)
         with torch.no_grad(), model.disable_adapter():
             logp = model(input_ids=ids, attention_mask=attention).logits[:, :-1].log_softmax(-1)
         answer = labels[:, 1:] != -100
