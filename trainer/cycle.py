@@ -47,8 +47,8 @@ class CycleConfig:
     # corrections in cycle 4 of reports/zsre-n200-k50 and 25% in reports/consolidation (30 x 3);
     # 3.0 (with memory examples) lost none there.
     replay_earlier: float = 3.0
-    # Examples that keep the adapter reading retrieved memories (dataset.memory_examples), one
-    # per new correction.
+    # Examples that keep the adapter reading retrieved memories (dataset.memory_examples): one per
+    # new correction (per live correction when retraining from the base).
     memory_examples: bool = True
     gate_enabled: bool = True
     gate: GateConfig = field(default_factory=GateConfig)
