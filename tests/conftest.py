@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "dev.jsonl"
+from evals.zsre_data import ZSRE  # noqa: E402  (../shared/data/zsre/dev.jsonl, or RATCHET_ZSRE)
 
 
 @pytest.fixture(scope="session")
