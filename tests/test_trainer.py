@@ -120,6 +120,54 @@ def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
     assert some.steps == 2 * 2  # (2 + 4) / 4, twice
 
 
+def test_batches_group_rows_of_similar_length_and_keep_every_row_once():
+    import random
+
+    from trainer.lora import _length_grouped
+
+    random.seed(0)
+    lengths = [random.choice((40, 45, 100, 110)) for _ in range(200)]
+    batches = _length_grouped(list(range(200)), lengths, batch_size=8)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert len(batches) == 25 and all(len(b) == 8 for b in batches)
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    shuffled = list(range(200))
+    random.shuffle(shuffled)
+    assert padded(batches) < 0.8 * padded([shuffled[i : i + 8] for i in range(0, 200, 8)])
+
+
+def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path, monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trainer.lora as lora
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    forwards = []
+    real = lora._answer_logits
+    monkeypatch.setattr(lora, "_answer_logits", lambda *a: forwards.append(1) or real(*a))
+
+    def rows(*answers):
+        return [encode(tok, Example(f"Say {a}.", a, distill=True), 64) for a in answers]
+
+    cache = tmp_path / "reference.pt"
+    first = rows("one", "two")
+    lora._reference(model, first, tok.eos_token_id, 8, 4, cache, "base|8")
+    assert len(forwards) == 1 and cache.exists()
+    again = rows("one", "two", "three")
+    lora._reference(model, again, tok.eos_token_id, 8, 4, cache, "base|8")
+    assert len(forwards) == 2  # only "three" was computed
+    assert torch.equal(again[0]["ref_logp"], first[0]["ref_logp"]) and torch.equal(again[1]["ref_ids"], first[1]["ref_ids"])
+    lora._reference(model, rows("one"), tok.eos_token_id, 16, 4, cache, "base|16")  # another k: computed anew
+    assert len(forwards) == 3
+
+
 def test_train_lora_refuses_no_examples(tiny_model, tmp_path):
     with pytest.raises(ValueError):
         train_lora(tiny_model, [], tmp_path / "a", FAST)

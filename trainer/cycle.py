@@ -215,7 +215,8 @@ class Cycles:
                              message=f"training step {step}/{total} loss {loss:.3f}")
 
             result = train_lora(self.base_model, examples, out, self.config.training, progress,
-                                init_adapter=plan["init_adapter"])
+                                init_adapter=plan["init_adapter"],
+                                reference_cache=self.work_dir / "anchor_reference.pt")
             active = self.registry.active()
             metrics = {
                 "train_seconds": round(result.seconds, 2),
