@@ -69,6 +69,16 @@ VARIANTS = {
     # the default with the anchors weighted 3 times as much
     "replay-nq-upper-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 3.0},
                                anchors="general+nq", templates=2, anchor_tokens=16),
+    # the anchors weighted 10 times; weighted 3 times with 2 epochs (cheaper); with the upper quarter
+    "replay-nq-upper-w10": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 10.0},
+                                anchors="general+nq", templates=2, anchor_tokens=16),
+    "replay-nq-upper-w3-2ep": dict(training={"epochs": 2, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 3.0},
+                                   anchors="general+nq", templates=2, anchor_tokens=16),
+    "replay-nq-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0},
+                                 anchors="general+nq", templates=2, anchor_tokens=16),
+    # the default with anchor answers of 24 tokens, as long as the answers locality is measured on
+    "replay-nq-upper-a24": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5},
+                                anchors="general+nq", templates=2, anchor_tokens=24),
 }
 
 
@@ -203,7 +213,8 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
         memory_examples=False,
         # every candidate is promoted, so that the next cycle continues from it; the verdict of
         # the default thresholds is reported
-        gate=GateConfig(min_efficacy=0, min_paraphrase=0, min_retention=0, min_locality=0, max_negative_flips=1),
+        gate=GateConfig(min_efficacy=0, min_paraphrase=0, min_retention=0, min_locality=0, max_negative_flips=1,
+                        max_memory_drop=1),
     )
     config = replace(config, **v.get("cycle", {}))
     data = out / f"cycles-{name}"
@@ -268,11 +279,12 @@ def cycles_report(results: list[dict], n: int, cycles: int) -> str:
              "records; strict and token-level) measured on the adapter with retrieval off; the gate's figures are "
              "its own (its held-out phrasing, its 32 probes, negative flips against the previous version). Memory "
              "followed: N facts never trained on, each asked (as is and paraphrased) with its correction shown as a "
-             "retrieved memory, as the agent shows them; in brackets the base model.", "",
+             "retrieved memory, as the agent shows them; in brackets the base model. The gate's memory followed: "
+             "new corrections' questions shown a memory carrying another new correction's answer.", "",
              "| recipe | cycle | cycle s | train s | gate s | steps | tok/s | peak MB | efficacy | paraphrase | "
              "retention | locality strict | locality token | memory followed (base) | gate: negative flips | "
-             "gate: probe locality | default gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gate: probe locality | gate: memory followed (base) | default gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for c in r["cycles"]:
             g = c["gate"]
@@ -281,7 +293,8 @@ def cycles_report(results: list[dict], n: int, cycles: int) -> str:
             lines.append(f"| {r['variant']} | {c['cycle']} | {c['cycle_seconds']} | {c['train_seconds']} | "
                          f"{c['gate_seconds']} | {c['steps']} | {c['tokens_per_second']} | {c['peak_rss_mb']} | "
                          f"{c['efficacy']:.2f} | {c['paraphrase']:.2f} | {retention} | {c['locality_strict']:.2f} | "
-                         f"{c['locality_token']:.3f} | {c['memory_use']:.2f} ({c['base_memory_use']:.2f}) | {g['negative_flips']:.2f} | {g['locality_token']:.3f} | {verdict} |")
+                         f"{c['locality_token']:.3f} | {c['memory_use']:.2f} ({c['base_memory_use']:.2f}) | {g['negative_flips']:.2f} | {g['locality_token']:.3f} | "
+                         f"{g['memory_followed']:.2f} ({g['base_memory_followed']:.2f}) | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

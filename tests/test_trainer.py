@@ -168,6 +168,24 @@ def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path, 
     assert len(forwards) == 3
 
 
+def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import trainer.lora as lora
+
+    depths = []
+    real = lora._frozen_states
+    monkeypatch.setattr(lora, "_frozen_states", lambda m, rows, pad, depth, bs: depths.append(depth) or real(m, rows, pad, depth, bs))
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
+    examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
+    upper = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
+    split = train_lora(tiny_model, examples, tmp_path / "a", upper)
+    whole = train_lora(tiny_model, examples, tmp_path / "b", replace(upper, cache_frozen_layers=False))
+    assert depths == [1]  # only the first run skipped the bottom layer
+    assert split.steps == whole.steps == 4
+    assert split.losses == pytest.approx(whole.losses, rel=1e-4)
+
+
 def test_train_lora_refuses_no_examples(tiny_model, tmp_path):
     with pytest.raises(ValueError):
         train_lora(tiny_model, [], tmp_path / "a", FAST)
@@ -275,6 +293,20 @@ def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_mode
     gate = json.loads((registry.folder_for(1) / "ratchet.json").read_text())["gate"]
     assert gate["passed"] is False and gate["reasons"]
     assert len(memory.corrections(include_consolidated=False)) == 1  # still waiting for a good cycle
+
+
+def test_the_gate_judges_memory_following_against_the_base_model_from_enough_probes():
+    from trainer.gate import GateConfig, memory_probes
+
+    new = [Correction(i, f"Q{i}?", answer, None, "") for i, answer in enumerate(["Paris", "paris.", "Rome", "Oslo"])]
+    # each question is shown a memory with another correction's (different) answer
+    assert [(c.id, a) for c, a in memory_probes(new)] == [(0, "Rome"), (1, "Rome"), (2, "Oslo"), (3, "Paris")]
+    ok = {"efficacy": 1.0, "paraphrase": 1.0, "retention": 1.0, "n_earlier": 0, "locality_token": 0.9,
+          "negative_flips": 0.0, "base_memory_followed": 0.7}
+    gate = GateConfig()
+    assert gate.failures({**ok, "memory_followed": 0.6, "n_memory_probes": 32}) == []
+    assert gate.failures({**ok, "memory_followed": 0.5, "n_memory_probes": 32}) == ["memory_followed 0.500 not >= 0.55"]
+    assert gate.failures({**ok, "memory_followed": 0.0, "n_memory_probes": 4}) == []  # too few to judge
 
 
 def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, monkeypatch):
