@@ -15,7 +15,7 @@ kept (its verdict by the default thresholds reported, every candidate promoted s
 cycle has something to keep), and after each cycle the adapter measured on zsRE as above plus the
 retention of the earlier cycles' corrections.
 
-    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-upper-mem,no-replay-upper
+    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem,no-replay-quarter
 """
 
 from __future__ import annotations
@@ -40,45 +40,52 @@ VARIANTS = {
                       templates=2, anchor_tokens=0),
     "replay-text": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0, "distill_weight": 0.0},
                         anchors="general", templates=2, anchor_tokens=32),
-    "replay": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0}, anchors="general",
-                   templates=2, anchor_tokens=32),
-    # TrainingConfig's defaults, with the NQ anchors of `ratchet eval zsre`; in --cycles, replay 1:1
+    "replay": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0, "distill_weight": 1.0},
+                   anchors="general", templates=2, anchor_tokens=32),
+    # the defaults of 2026-11-30, with the NQ anchors of `ratchet eval zsre`; in --cycles, replay 1:1
     # and no memory examples (the server's recipe before reports/consolidation/results_30x3.md)
-    "replay-nq-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5}, anchors="general+nq",
-                            templates=2, anchor_tokens=16),
+    "replay-nq-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0},
+                            anchors="general+nq", templates=2, anchor_tokens=16),
     # cheaper: 2 epochs, one phrasing per correction; and the same without any replay
-    "replay-nq-upper-2ep": dict(training={"epochs": 2, "min_steps": 0, "learning_rate": 2e-3, "layers_from": 0.5},
-                                anchors="general+nq", templates=1, anchor_tokens=16),
+    "replay-nq-upper-2ep": dict(training={"epochs": 2, "min_steps": 0, "learning_rate": 2e-3, "layers_from": 0.5,
+                                          "distill_weight": 1.0}, anchors="general+nq", templates=1, anchor_tokens=16),
     "no-replay-upper-2ep": dict(training={"epochs": 2, "min_steps": 0, "learning_rate": 2e-3, "layers_from": 0.5},
                                 anchors="none", templates=1, anchor_tokens=0),
     # replay-nq-upper with no replay at all: no anchors, no earlier corrections, no memory examples
     "no-replay-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5}, anchors="none",
                             templates=2, anchor_tokens=0),
-    # the default with 96 anchors an epoch, drawn in turn from the 198 (cheaper)
-    "replay-nq-upper-96": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5,
+    # replay-nq-upper with 96 anchors an epoch, drawn in turn from the 198 (cheaper)
+    "replay-nq-upper-96": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0,
                                          "anchors_per_epoch": 96}, anchors="general+nq", templates=2, anchor_tokens=16),
-    # the default's cost (198 anchors an epoch), drawn in turn from 48 + 450 NQ questions (more varied)
-    "replay-nq450-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5,
+    # replay-nq-upper's cost (198 anchors an epoch), drawn in turn from 48 + 450 NQ questions (more varied)
+    "replay-nq450-upper": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0,
                                          "anchors_per_epoch": 198}, anchors="general+nq", nq=450, templates=2,
                                anchor_tokens=16),
-    # the server's default recipe (--cycles only): also earlier corrections replayed up to 3 per new
-    # one, and memory examples (dataset.memory_examples)
-    "replay-nq-upper-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5},
+    # the server's recipe of reports/consolidation/results_30x3.md (--cycles only): replay-nq-upper,
+    # and earlier corrections replayed up to 3 per new one, and memory examples (dataset.memory_examples)
+    "replay-nq-upper-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0},
                                 anchors="general+nq", templates=2, anchor_tokens=16,
                                 cycle={"replay_earlier": 3.0, "memory_examples": True}),
-    # the default with the anchors weighted 3 times as much
+    # replay-nq-upper with the anchors weighted 3 and 10 times; 3 times with 2 epochs (cheaper)
     "replay-nq-upper-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 3.0},
                                anchors="general+nq", templates=2, anchor_tokens=16),
-    # the anchors weighted 10 times; weighted 3 times with 2 epochs (cheaper); with the upper quarter
     "replay-nq-upper-w10": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 10.0},
                                 anchors="general+nq", templates=2, anchor_tokens=16),
     "replay-nq-upper-w3-2ep": dict(training={"epochs": 2, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 3.0},
                                    anchors="general+nq", templates=2, anchor_tokens=16),
+    # replay-nq-upper with anchor answers of 24 tokens, as long as the answers locality is measured on
+    "replay-nq-upper-a24": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0},
+                                anchors="general+nq", templates=2, anchor_tokens=24),
+    # TrainingConfig's defaults since 2026-12-01: the upper quarter of the layers, anchors weighted 3 times
     "replay-nq-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0},
                                  anchors="general+nq", templates=2, anchor_tokens=16),
-    # the default with anchor answers of 24 tokens, as long as the answers locality is measured on
-    "replay-nq-upper-a24": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5},
-                                anchors="general+nq", templates=2, anchor_tokens=24),
+    # the server's default recipe (--cycles only): replay-nq-quarter-w3, earlier corrections replayed
+    # up to 3 per new one, memory examples; and the same recipe with no replay at all
+    "replay-nq-quarter-w3-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
+                                               "distill_weight": 3.0}, anchors="general+nq", templates=2,
+                                     anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
+    "no-replay-quarter": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75}, anchors="none",
+                              templates=2, anchor_tokens=0),
 }
 
 
