@@ -15,7 +15,7 @@ kept (its verdict by the default thresholds reported, every candidate promoted s
 cycle has something to keep), and after each cycle the adapter measured on zsRE as above plus the
 retention of the earlier cycles' corrections.
 
-    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem,no-replay-quarter
+    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-upper-w3-mem,no-replay-upper
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ VARIANTS = {
     "replay-nq-upper-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0},
                                 anchors="general+nq", templates=2, anchor_tokens=16,
                                 cycle={"replay_earlier": 3.0, "memory_examples": True}),
-    # replay-nq-upper with the anchors weighted 3 and 10 times; 3 times with 2 epochs (cheaper)
+    # replay-nq-upper with the anchors weighted 3 times (TrainingConfig's defaults since 2026-12-01) and
+    # 10 times; 3 times with 2 epochs (cheaper)
     "replay-nq-upper-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 3.0},
                                anchors="general+nq", templates=2, anchor_tokens=16),
     "replay-nq-upper-w10": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 10.0},
@@ -76,16 +77,22 @@ VARIANTS = {
     # replay-nq-upper with anchor answers of 24 tokens, as long as the answers locality is measured on
     "replay-nq-upper-a24": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0},
                                 anchors="general+nq", templates=2, anchor_tokens=24),
-    # TrainingConfig's defaults since 2026-12-01: the upper quarter of the layers, anchors weighted 3 times
+    # the upper quarter of the layers, anchors weighted 3 times (cheapest and most local adapter alone,
+    # but efficacy 0.86 in a server cycle of 100: reports/consolidation/results_100x2.md)
     "replay-nq-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0},
                                  anchors="general+nq", templates=2, anchor_tokens=16),
-    # the server's default recipe (--cycles only): replay-nq-quarter-w3, earlier corrections replayed
-    # up to 3 per new one, memory examples; and the same recipe with no replay at all
+    # --cycles only: replay-nq-quarter-w3, earlier corrections replayed up to 3 per new one, memory
+    # examples; and the same recipe with no replay at all
     "replay-nq-quarter-w3-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
                                                "distill_weight": 3.0}, anchors="general+nq", templates=2,
                                      anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
     "no-replay-quarter": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75}, anchors="none",
                               templates=2, anchor_tokens=0),
+    # the server's default recipe (--cycles only): replay-nq-upper-w3, earlier corrections replayed up to
+    # 3 per new one, memory examples (compare with no-replay-upper)
+    "replay-nq-upper-w3-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5,
+                                             "distill_weight": 3.0}, anchors="general+nq", templates=2,
+                                   anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
 }
 
 

@@ -20,7 +20,7 @@ class TrainingConfig:
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     # The defaults are the recipe measured in reports/consolidation/ (100 zsRE corrections).
-    layers_from: float = 0.75  # adapt only layers from this fraction of the depth up (0: all layers)
+    layers_from: float = 0.5  # adapt only layers from this fraction of the depth up (0: all layers)
     epochs: int = 3
     # At least this many optimizer steps: more epochs when the set is small (one correction and
     # the anchors fill a few batches), so one recipe serves cycles of 1 and of 100 corrections.
