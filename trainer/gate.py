@@ -50,7 +50,6 @@ class GateConfig:
             ("locality_token", self.min_locality, ">="),
             ("negative_flips", self.max_negative_flips, "<="),
         ]
-        reasons = []
         if metrics.get("n_memory_probes", 0) >= self.min_memory_probes:
             floor = round(metrics["base_memory_followed"] - self.max_memory_drop, 4)
             checks.append(("memory_followed", floor, ">="))

@@ -283,7 +283,8 @@ def _frozen(batch: list[dict], depth: int):
     if not depth:
         return None
     width = max(len(x["input_ids"]) for x in batch)
-    states = torch.zeros((len(batch), width, batch[0]["frozen"].shape[-1]))
+    first = batch[0]["frozen"]
+    states = torch.zeros((len(batch), width, first.shape[-1]), dtype=first.dtype)
     for i, x in enumerate(batch):
         states[i, : len(x["input_ids"])] = x["frozen"]
     return depth, states
