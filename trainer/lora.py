@@ -177,8 +177,9 @@ def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int
     stored = torch.load(cache, weights_only=True) if cache and cache.exists() else {}
     todo = []
     for x in rows:
-        if row_key(x) in stored:
-            x["ref_ids"], x["ref_logp"] = stored[row_key(x)]
+        found = stored.get(row_key(x))
+        if found is not None:
+            x["ref_ids"], x["ref_logp"] = found
         else:
             todo.append(x)
     todo.sort(key=lambda x: len(x["input_ids"]))  # little padding
