@@ -28,7 +28,7 @@ class ChatState(TypedDict, total=False):
     messages: Annotated[list[dict], operator.add]  # the conversation; a thread's grows
     user: str
     use_memory: bool
-    adapter: str | None  # the adapter to answer with; None is the base model
+    adapter: str | None  # the adapter to answer with; None is the base model (after retrieve: what answers)
     model_name: str  # what the client asked for, recorded with the interaction
     max_tokens: int
     temperature: float
@@ -54,21 +54,33 @@ class Reply:
     adapter: str | None = None  # what answered; None is the base model
 
 
-def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD, checkpointer=None):
+def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
+                scope: float | None = None, checkpointer=None):
+    """`scope`: when set, the adapter answers only questions at least this similar to a stored
+    correction (memory.store.ADAPTER_SCOPE); the base model answers the rest."""
+
     def retrieve(state: ChatState) -> dict:
-        if not state.get("use_memory", True):
+        question = _last_user_message(state["messages"])
+        use_memory = state.get("use_memory", True)
+        scoped = scope is not None and state.get("adapter") is not None
+        if not question or not (use_memory or scoped):
             return {"memories": [], "retrieval_ms": 0.0}
         started = time.perf_counter()
-        question = _last_user_message(state["messages"])
-        hits = memory.search(question, user=state.get("user"), k=k, threshold=threshold) if question else []
-        return {
+        # One search serves both: the hits above the relevance threshold are a prefix of those
+        # above a lower scope.
+        floor = min(threshold, scope) if scoped else threshold
+        hits = memory.search(question, user=state.get("user"), k=k, threshold=floor)
+        out = {
             "retrieval_ms": (time.perf_counter() - started) * 1000,
             "memories": [
                 {"id": h.correction.id, "question": h.correction.question, "answer": h.correction.answer,
                  "score": round(h.score, 4)}
-                for h in hits
+                for h in hits if use_memory and h.score >= threshold
             ]
         }
+        if scoped and not any(h.score >= scope for h in hits):
+            out["adapter"] = None  # out of the adapter's scope: the base model answers
+        return out
 
     def respond(state: ChatState) -> dict:
         prompt = with_memories(state["messages"], state.get("memories", []))
@@ -131,9 +143,10 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
 class Agent:
     """Answers chats through the graph: stateless calls, or threads kept by the checkpointer."""
 
-    def __init__(self, memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD, checkpointer=None):
-        self.stateless = build_graph(memory, model, k=k, threshold=threshold)
-        self.threaded = build_graph(memory, model, k=k, threshold=threshold, checkpointer=checkpointer)
+    def __init__(self, memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
+                 scope: float | None = None, checkpointer=None):
+        self.stateless = build_graph(memory, model, k=k, threshold=threshold, scope=scope)
+        self.threaded = build_graph(memory, model, k=k, threshold=threshold, scope=scope, checkpointer=checkpointer)
         self.has_threads = checkpointer is not None
 
     def chat(self, messages: list[dict], **options) -> Reply:

@@ -273,7 +273,9 @@ def main() -> None:
         data = Path(tmp) / "data"
         data.mkdir()
         seed_adapters(data, base_model, versions=3)
-        with RatchetServer(data, engine="vllm", models_dir=settings.models_dir) as server:
+        # the adapter answers every question (no scope), so that its cost is what is measured
+        with RatchetServer(data, engine="vllm", models_dir=settings.models_dir,
+                           env={"RATCHET_ADAPTER_SCOPE": "off"}) as server:
             direct = f"http://127.0.0.1:{vllm_port}"
             result["lane_ready_s"] = [wait_for_lane(server.url)]
             overhead(server.url, direct, 2, 1, args.max_tokens)  # warm-up

@@ -37,7 +37,9 @@ def measure(server: RatchetServer, model: str, max_tokens: int, rounds: int) -> 
 
 
 def run(engine: str, models_dir: str | None, max_tokens: int, rounds: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp, RatchetServer(tmp, engine=engine, models_dir=models_dir) as server:
+    # the adapter answers every question (no scope), so that its cost is what is measured
+    with tempfile.TemporaryDirectory() as tmp, RatchetServer(tmp, engine=engine, models_dir=models_dir,
+                                                             env={"RATCHET_ADAPTER_SCOPE": "off"}) as server:
         first = server.ask("What university did Watts Humphrey attend?", max_tokens=32)
         server.correct(first["id"], "Illinois Institute of Technology")
         cycle = server.consolidate()

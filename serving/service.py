@@ -67,7 +67,7 @@ class Ratchet:
         checkpointer.setup()
         self.agent = Agent(
             self.memory, self.engine, k=settings.memory_k, threshold=settings.memory_threshold,
-            checkpointer=checkpointer,
+            scope=settings.adapter_scope or None, checkpointer=checkpointer,
         )
         self.cycles = Cycles(
             self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir, on_promote=self.promote,

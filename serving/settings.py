@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory.store import LOCAL_USER, RELEVANCE_THRESHOLD
+from memory.store import ADAPTER_SCOPE, LOCAL_USER, RELEVANCE_THRESHOLD
 from serving.engines.vllm import VLLMOptions
 from trainer.anchors import GENERAL_PROMPTS, load_prompts
 from trainer.base_model import EMBEDDED
@@ -31,6 +31,9 @@ class Settings:
     port: int = 8000
     memory_k: int = 3  # corrections put into a prompt at most
     memory_threshold: float = RELEVANCE_THRESHOLD  # cosine similarity a correction needs to be retrieved
+    # The active adapter answers questions this similar to a stored correction, the base model the
+    # rest (agent.graph.build_graph); 0: the adapter answers everything (RATCHET_ADAPTER_SCOPE=off).
+    adapter_scope: float = ADAPTER_SCOPE
     max_tokens: int = 256  # default completion length
     # The active adapter also served merged into the weights by a second, plain vLLM (a blue/green
     # pair with the LoRA engine): see serving/engines/lanes.py and reports/serving.md.
@@ -58,6 +61,7 @@ class Settings:
             "host": os.environ.get("RATCHET_HOST"),
             "port": _int(os.environ.get("RATCHET_PORT")),
             "memory_threshold": _float(os.environ.get("RATCHET_MEMORY_THRESHOLD")),
+            "adapter_scope": _scope(os.environ.get("RATCHET_ADAPTER_SCOPE")),
             "trusted_users": _names(os.environ.get("RATCHET_TRUSTED_USERS")),
             "merged_lane": _bool(os.environ.get("RATCHET_MERGED_LANE")),
         }
@@ -82,6 +86,12 @@ def _int(v: str | None) -> int | None:
 
 def _bool(v: str | None) -> bool | None:
     return v.lower() in ("1", "true", "yes", "on") if v else None
+
+
+def _scope(v: str | None) -> float | None:
+    if not v:
+        return None
+    return 0.0 if v.lower() in ("off", "none") else float(v)
 
 
 def _float(v: str | None) -> float | None:

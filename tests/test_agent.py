@@ -45,6 +45,17 @@ def test_the_adapter_is_passed_to_the_model(memory, echo_model):
     assert echo_model.calls[-1]["adapter"] == "ratchet-v3"
 
 
+def test_with_a_scope_the_adapter_answers_only_questions_near_a_correction(memory, echo_model):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    agent = Agent(memory, echo_model, scope=0.7)
+    near = agent.chat([{"role": "user", "content": "Which university did Watts Humphrey go to?"}], user="ann",
+                      adapter="ratchet-v3", use_memory=False)
+    assert echo_model.calls[-1]["adapter"] == "ratchet-v3" and near.adapter == "ratchet-v3" and near.memories == []
+    far = agent.chat([{"role": "user", "content": "How many legs does a spider have?"}], user="ann", adapter="ratchet-v3")
+    assert echo_model.calls[-1]["adapter"] is None and far.adapter is None
+    assert memory.interaction(far.response_id)["adapter"] is None  # recorded as what answered
+
+
 def test_a_thread_keeps_its_history_across_calls(memory, echo_model, tmp_path):
     saver = SqliteSaver(sqlite3.connect(tmp_path / "threads.db", check_same_thread=False))
     agent = Agent(memory, echo_model, checkpointer=saver)
@@ -59,3 +70,14 @@ def test_a_thread_keeps_its_history_across_calls(memory, echo_model, tmp_path):
 def test_threads_need_a_checkpointer(memory, echo_model):
     with pytest.raises(ValueError):
         Agent(memory, echo_model).chat([{"role": "user", "content": "x"}], thread_id="t1")
+
+
+def test_the_adapter_scope_is_a_setting(tmp_path, monkeypatch):
+    from memory.store import ADAPTER_SCOPE
+    from serving.settings import Settings
+
+    assert Settings.load(data_dir=tmp_path).adapter_scope == ADAPTER_SCOPE
+    monkeypatch.setenv("RATCHET_ADAPTER_SCOPE", "0.8")
+    assert Settings.load(data_dir=tmp_path).adapter_scope == 0.8
+    monkeypatch.setenv("RATCHET_ADAPTER_SCOPE", "off")
+    assert Settings.load(data_dir=tmp_path).adapter_scope == 0.0  # the adapter answers everything

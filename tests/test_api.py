@@ -93,9 +93,12 @@ def test_a_consolidation_promotes_a_new_adapter(client, ratchet, echo_model):
     assert adapters["active"] == "ratchet-v1"
     assert [(a["name"], a["active"], a["status"]) for a in adapters["data"]] == [("ratchet-v1", True, "promoted")]
     assert "ratchet-v1" in echo_model.loaded
-    ask(client, "hello")
+    # The adapter answers questions near a stored correction; the base model all others (its scope).
+    ask(client, "Which university did Watts Humphrey go to?")
     assert echo_model.calls[-1]["adapter"] == "ratchet-v1"
-    ask(client, "hello", model="ratchet-base")
+    reply = ask(client, "hello")
+    assert echo_model.calls[-1]["adapter"] is None and reply["ratchet"]["adapter"] is None
+    ask(client, "Which university did Watts Humphrey go to?", model="ratchet-base")
     assert echo_model.calls[-1]["adapter"] is None
     assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"ratchet", "ratchet-base", "ratchet-v1"}
     assert client.get("/v1/consolidations/99").status_code == 404

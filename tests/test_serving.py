@@ -17,7 +17,8 @@ Q = "What university did Watts Humphrey attend?"
 @pytest.fixture
 def ratchet(start_ratchet, echo_model):
     echo_model.strict = True
-    return start_ratchet(monitor_interval=0.05)
+    # The adapter answers every question here (no scope): these tests are about which version that is.
+    return start_ratchet(monitor_interval=0.05, adapter_scope=0)
 
 
 @pytest.fixture
@@ -226,7 +227,7 @@ def test_the_cli_activates_and_rolls_back(ratchet, live_server):
 
 
 def test_stopping_during_a_restart_ends_the_restart(tmp_path, tiny_model, echo_model, monkeypatch):
-    r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model, monitor_interval=0.05), engine=echo_model)
+    r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model, monitor_interval=0.05, adapter_scope=0), engine=echo_model)
     r.start()
     ended = threading.Event()
     restarting = threading.Event()

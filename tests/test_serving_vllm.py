@@ -34,7 +34,7 @@ def test_vllm_streams_swaps_and_comes_back_after_a_kill(tmp_path, base_model, li
     import openai
 
     data = tmp_path / "data"
-    settings = Settings(data_dir=data, model=base_model, engine="vllm", monitor_interval=0.5)
+    settings = Settings(data_dir=data, model=base_model, engine="vllm", monitor_interval=0.5, adapter_scope=0)
     r = Ratchet(settings)
     registry = AdapterRegistry(r.memory.db, data / "adapters")
     for n in (1, 2):
