@@ -295,6 +295,22 @@ def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_mode
     assert len(memory.corrections(include_consolidated=False)) == 1  # still waiting for a good cycle
 
 
+def test_the_gate_takes_the_active_versions_answers_from_its_own_gate(tiny_model, tmp_path):
+    from trainer.gate import GateConfig, run_gate, save_answers, saved_answers
+
+    earlier = [Correction(1, Q, "Illinois Institute of Technology", None, "")]
+    new = [Correction(2, "Which family does Ramalinaceae belong to?", "Lecanorales", None, "")]
+    for name in ("active", "candidate"):
+        train_lora(tiny_model, examples_for(earlier + new), tmp_path / name, FAST)
+    config = GateConfig(max_new_tokens=4)
+    # the active version's gate saw it answer right (a 2-layer random model never could)
+    save_answers(tmp_path / "active", 4, [Q], ["Illinois Institute of Technology"])
+    report = run_gate(tiny_model, tmp_path / "candidate", tmp_path / "active", new, earlier, config, probes=("Hi",))
+    assert report.metrics["reference_retention"] == 1.0 and report.metrics["negative_flips"] == 1.0
+    assert set(saved_answers(tmp_path / "candidate", 4)) == {Q, new[0].question}
+    assert saved_answers(tmp_path / "candidate", 24) == {}  # answers of another length are not reused
+
+
 def test_the_gate_judges_memory_following_against_the_base_model_from_enough_probes():
     from trainer.gate import GateConfig, memory_probes
 

@@ -6,6 +6,7 @@ still follows a memory put in the prompt as the base model does.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from trainer.evaluate import agreement, generate, is_correct, normalise
 
 # A rephrasing never used in training: the gate's stand-in for a user's paraphrase.
 HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
+# A candidate's greedy answers to its corrections' questions, kept in its folder: when it is the
+# active version, the next gate's reference answers (not generated again).
+ANSWERS_FILE = "gate_answers.json"
 
 
 @dataclass
@@ -91,6 +95,20 @@ def memory_probes(new: list[Correction]) -> list[tuple[Correction, str]]:
     return out
 
 
+def saved_answers(folder: str | Path, max_new_tokens: int) -> dict[str, str]:
+    """The answers an adapter gave its corrections' questions at its gate ({} when unknown)."""
+    try:
+        saved = json.loads((Path(folder) / ANSWERS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(saved["answers"]) if saved.get("max_new_tokens") == max_new_tokens else {}
+
+
+def save_answers(folder: str | Path, max_new_tokens: int, questions: list[str], answers: list[str]) -> None:
+    (Path(folder) / ANSWERS_FILE).write_text(json.dumps(
+        {"max_new_tokens": max_new_tokens, "answers": dict(zip(questions, answers))}, indent=1))
+
+
 def run_gate(
     base_model: str,
     candidate: str | Path,
@@ -125,10 +143,14 @@ def run_gate(
     # Locality is measured against the base model, so drift cannot pile up cycle after cycle;
     # negative flips against the active version.
     base_probes = answers_of("base", list(probes))
-    ref_earlier = answers_of(reference, [c.question for c in earlier])
+    known = saved_answers(active, n) if active is not None else {}
+    missing = list(dict.fromkeys(c.question for c in earlier if c.question not in known))
+    known.update(zip(missing, answers_of(reference, missing)))
+    ref_earlier = [known[c.question] for c in earlier]
     cand_new = answers_of("candidate", [c.question for c in new])
     cand_para = answers_of("candidate", [held_out(c.question) for c in new])
     cand_earlier = answers_of("candidate", [c.question for c in earlier])
+    save_answers(candidate, n, [c.question for c in new + earlier], cand_new + cand_earlier)
     cand_probes = answers_of("candidate", list(probes))
     model.set_adapter("candidate")
     locality_token = agreement(model, tok, list(probes), base_probes)
