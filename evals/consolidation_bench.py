@@ -15,7 +15,7 @@ kept (its verdict by the default thresholds reported, every candidate promoted s
 cycle has something to keep), and after each cycle the adapter measured on zsRE as above plus the
 retention of the earlier cycles' corrections.
 
-    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-upper-w3-mem,no-replay-upper
+    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem-4ep-a120,no-replay-quarter
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ VARIANTS = {
     "replay-nq-upper-a24": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5, "distill_weight": 1.0},
                                 anchors="general+nq", templates=2, anchor_tokens=24),
     # the upper quarter of the layers, anchors weighted 3 times (cheapest and most local adapter alone,
-    # but efficacy 0.86 in a server cycle of 100: reports/consolidation/results_100x2.md)
+    # but efficacy 0.86 in a server cycle of 100: reports/consolidation/results_100x2_2026-12-01a.md)
     "replay-nq-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0},
                                  anchors="general+nq", templates=2, anchor_tokens=16),
     # --cycles only: replay-nq-quarter-w3, earlier corrections replayed up to 3 per new one, memory
@@ -86,14 +86,32 @@ VARIANTS = {
     "replay-nq-quarter-w3-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
                                                "distill_weight": 3.0}, anchors="general+nq", templates=2,
                                      anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
+    # replay-nq-quarter-w3-mem with 4 epochs (its first cycle's efficacy was 0.86 with 3)
+    "replay-nq-quarter-w3-mem-4ep": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                   "distill_weight": 3.0}, anchors="general+nq", templates=2,
+                                         anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
+    # the same with 120 anchors an epoch, drawn in turn from the 198 (cheaper): the server's default recipe
+    # since 2026-12-01 (compare with no-replay-quarter)
+    "replay-nq-quarter-w3-mem-4ep-a120": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                        "distill_weight": 3.0, "anchors_per_epoch": 120},
+                                              anchors="general+nq", templates=2, anchor_tokens=16,
+                                              cycle={"replay_earlier": 3.0, "memory_examples": True}),
     "no-replay-quarter": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75}, anchors="none",
                               templates=2, anchor_tokens=0),
-    # the server's default recipe (--cycles only): replay-nq-upper-w3, earlier corrections replayed up to
-    # 3 per new one, memory examples (compare with no-replay-upper)
+    # the server's default recipe of 2026-12-01 (--cycles only): replay-nq-upper-w3, earlier corrections
+    # replayed up to 3 per new one, memory examples (compare with no-replay-upper)
     "replay-nq-upper-w3-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5,
                                              "distill_weight": 3.0}, anchors="general+nq", templates=2,
                                    anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
 }
+
+
+def training_config(variant: dict):
+    """A recipe's TrainingConfig. A recipe that does not say draws every anchor every epoch, as
+    all did when they were measured (the default is 120 since 2026-12-01)."""
+    from trainer.lora import TrainingConfig
+
+    return replace(TrainingConfig(), **{"anchors_per_epoch": 0, **variant["training"]})
 
 
 def load_records(n: int, path: Path = ZSRE) -> list[dict]:
@@ -153,7 +171,7 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     from trainer.anchors import base_answers
     from trainer.dataset import TEMPLATES, examples_for
     from trainer.evaluate import agreement, generate, is_correct
-    from trainer.lora import TrainingConfig, train_lora
+    from trainer.lora import train_lora
 
     v = VARIANTS[name]
     records = load_records(n)
@@ -163,7 +181,7 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     if v["anchors"] != "none":
         examples += base_answers(base, out / "anchors.json", anchor_prompts(v, records),
                                  max_new_tokens=v["anchor_tokens"])
-    config = replace(TrainingConfig(), **v["training"])
+    config = training_config(v)
     started = time.monotonic()
     result = train_lora(base, examples, out / f"adapter-{name}", config)
     train_seconds = time.monotonic() - started
@@ -202,10 +220,10 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
 
     from agent.prompt import with_memories
     from memory import Memory
+    from memory.store import ADAPTER_SCOPE, LOCAL_USER
     from trainer.cycle import CycleConfig, Cycles
     from trainer.evaluate import agreement, generate, is_correct
     from trainer.gate import GateConfig
-    from trainer.lora import TrainingConfig
     from trainer.registry import AdapterRegistry
 
     v = VARIANTS[name]
@@ -218,7 +236,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
                    for r in unseen]
     replay = v["anchors"] != "none"
     config = CycleConfig(
-        training=replace(TrainingConfig(), **v["training"]),
+        training=training_config(v),
         templates=v["templates"],
         anchors=replay,
         anchor_prompts=anchor_prompts(v, records),
@@ -254,6 +272,16 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
         answers_l = generate(model, tok, [r["locality_question"] for r in records[:n]])
         hits = [is_correct(r["answer"], a) for r, a in zip(batch + earlier, answers_q)]
         answers_m = generate(model, tok, with_memory)
+        # As served (agent.graph): the adapter answers a question within its scope of a stored
+        # correction, the base model any other.
+        paraphrases = [r["paraphrase"] for r in batch]
+        locality_qs = [r["locality_question"] for r in records[:n]]
+        routed_p = [bool(memory.search(q, LOCAL_USER, k=1, threshold=ADAPTER_SCOPE)) for q in paraphrases]
+        routed_l = [bool(memory.search(q, LOCAL_USER, k=1, threshold=ADAPTER_SCOPE)) for q in locality_qs]
+        outside = [q for q, routed in zip(paraphrases, routed_p) if not routed]
+        with model.disable_adapter():
+            base_p = iter(generate(model, tok, outside) if outside else [])
+        served_p = [a if routed else next(base_p) for a, routed in zip(answers_p, routed_p)]
         if c == 0:
             with model.disable_adapter():
                 base_m = generate(model, tok, with_memory)
@@ -275,6 +303,11 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
             "locality_strict": sum(a == b for a, b in zip(answers_l, ref["locality"][:n])) / n,
             "locality_token": round(agreement(model, tok, [r["locality_question"] for r in records[:n]],
                                               ref["locality"][:n]), 4),
+            "scope_paraphrase_share": sum(routed_p) / len(batch),
+            "scope_locality_share": sum(routed_l) / n,
+            "served_paraphrase": sum(is_correct(r["answer"], a) for r, a in zip(batch, served_p)) / len(batch),
+            "served_locality_strict": sum(a == b or not routed for a, b, routed in
+                                          zip(answers_l, ref["locality"][:n], routed_l)) / n,
             "memory_use": sum(is_correct(r["answer"], a) for r, a in zip(unseen + unseen, answers_m)) / len(answers_m),
             "base_memory_use": base_memory_use,
             "gate": gate,
@@ -294,11 +327,14 @@ def cycles_report(results: list[dict], n: int, cycles: int) -> str:
              "its own (its held-out phrasing, its 32 probes, negative flips against the previous version). Memory "
              "followed: N facts never trained on, each asked (as is and paraphrased) with its correction shown as a "
              "retrieved memory, as the agent shows them; in brackets the base model. The gate's memory followed: "
-             "new corrections' questions shown a memory carrying another new correction's answer.", "",
+             "new corrections' questions shown a memory carrying another new correction's answer. Served: as the "
+             "agent answers with retrieval off, the adapter for questions within memory.store.ADAPTER_SCOPE of a "
+             "stored correction and the base model for the rest; in brackets the share of questions in scope.", "",
              "| recipe | cycle | cycle s | train s | gate s | steps | tok/s | peak MB | efficacy | paraphrase | "
              "retention | locality strict | locality token | memory followed (base) | gate: negative flips | "
-             "gate: probe locality | gate: memory followed (base) | default gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gate: probe locality | gate: memory followed (base) | default gate | served paraphrase (in scope) | "
+             "served locality strict (in scope) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for c in r["cycles"]:
             g = c["gate"]
@@ -308,8 +344,15 @@ def cycles_report(results: list[dict], n: int, cycles: int) -> str:
                          f"{c['gate_seconds']} | {c['steps']} | {c['tokens_per_second']} | {c['peak_rss_mb']} | "
                          f"{c['efficacy']:.2f} | {c['paraphrase']:.2f} | {retention} | {c['locality_strict']:.2f} | "
                          f"{c['locality_token']:.3f} | {c['memory_use']:.2f} ({c['base_memory_use']:.2f}) | {g['negative_flips']:.2f} | {g['locality_token']:.3f} | "
-                         f"{g['memory_followed']:.2f} ({g['base_memory_followed']:.2f}) | {verdict} |")
+                         f"{g['memory_followed']:.2f} ({g['base_memory_followed']:.2f}) | {verdict} | "
+                         f"{_served(c, 'paraphrase')} | {_served(c, 'locality_strict', 'locality')} |")
     return "\n".join(lines) + "\n"
+
+
+def _served(c: dict, figure: str, share: str | None = None) -> str:
+    if f"served_{figure}" not in c:
+        return "—"  # a run from before the adapter's scope
+    return f"{c[f'served_{figure}']:.2f} ({c[f'scope_{share or figure}_share']:.2f})"
 
 
 def main() -> None:

@@ -19,9 +19,11 @@ class TrainingConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
-    # The defaults are the recipe measured in reports/consolidation/ (100 zsRE corrections).
-    layers_from: float = 0.5  # adapt only layers from this fraction of the depth up (0: all layers)
-    epochs: int = 3
+    # The defaults are the recipe measured in reports/consolidation/ (100 zsRE corrections): in a
+    # server cycle of 100 on distinct subjects, 3 epochs answered 0.86 of them, 4 epochs 0.98; the
+    # upper quarter of the layers is as good as the upper half there and 70 s cheaper.
+    layers_from: float = 0.75  # adapt only layers from this fraction of the depth up (0: all layers)
+    epochs: int = 4
     # At least this many optimizer steps: more epochs when the set is small (one correction and
     # the anchors fill a few batches), so one recipe serves cycles of 1 and of 100 corrections.
     min_steps: int = 56
@@ -38,8 +40,9 @@ class TrainingConfig:
     # pass per step).
     distill_top_k: int = 64
     # Anchors (Example.distill) drawn per epoch, in turn from the whole set so that every one is
-    # seen; 0: all of them every epoch.
-    anchors_per_epoch: int = 0
+    # seen; 0: all of them every epoch. 120 of 198 per epoch: a server cycle of 100 corrections
+    # 266 s instead of 300 s, token locality 0.896 instead of 0.909 (reports/consolidation/).
+    anchors_per_epoch: int = 120
     # The layers below the first adapted one never change: their output for each example is
     # computed once and the steps run the layers above it only (architectures whose decoder
     # takes that output back as `inputs_embeds`: FROZEN_BOTTOM_MODELS). Costs the states' memory
