@@ -5,7 +5,10 @@ HTTP from 127.0.0.1 only.
    concurrent clients, interleaved round by round; the overhead is gateway/direct latency.
 2. Hot-swap under load: clients keep asking `ratchet` (half of them streaming) while the active
    adapter is switched 5 times in a row; p50/p99 latency and failed requests.
-3. Tokens/s of one request at a time on the base model and on the active adapter.
+3. Mixed load: clients asking `ratchet-base` and the active adapter at once. The vLLM engine
+   runs one adapter (or the base model) at a time (serving/engines/turns.py); the aggregate
+   tokens/s of the mixed load against that of each kind alone is what the turns cost.
+4. Tokens/s of one request at a time on the base model and on the active adapter.
 
 Run: python -m evals.serving_bench  → reports/serving.json, reports/serving.md
 The adapters swapped between are synthetic (random LoRA weights of the trainer's shape), put in
@@ -16,6 +19,7 @@ changes nothing about serving them.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -189,7 +193,58 @@ def swaps_under_load(gateway: str, clients: int, swaps: int, max_tokens: int, se
     }
 
 
-# -- 3. tokens/s ---------------------------------------------------------------------------
+# -- 3. mixed load ------------------------------------------------------------------------
+def closed_loop(gateway: str, models: list[str], seconds: float, max_tokens: int) -> dict:
+    """One client per entry of `models`, each asking again as soon as it is answered."""
+    stop = time.perf_counter() + seconds
+    done: dict[str, list] = {m: [] for m in set(models)}  # model -> [(latency, completion tokens)]
+    failed = 0
+    lock = threading.Lock()
+
+    def client(i: int, model: str) -> None:
+        nonlocal failed
+        n = 0
+        with httpx.Client() as http:
+            while time.perf_counter() < stop:
+                question = QUESTIONS[(i + n) % len(QUESTIONS)]
+                n += 1
+                started = time.perf_counter()
+                try:
+                    r = http.post(f"{gateway}/v1/chat/completions", timeout=300, json={
+                        "model": model, "memory": False, "max_tokens": max_tokens, "temperature": 0,
+                        "messages": [{"role": "user", "content": question}]})
+                    r.raise_for_status()
+                    with lock:
+                        done[model].append((time.perf_counter() - started, r.json()["usage"]["completion_tokens"]))
+                except httpx.HTTPError:
+                    with lock:
+                        failed += 1
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i, m)) for i, m in enumerate(models)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    tokens = sum(n for runs in done.values() for _, n in runs)
+    return {"clients": dict(collections.Counter(models)), "seconds": round(wall, 2), "failed": failed,
+            "tokens_per_second": round(tokens / wall, 2),
+            "by_model": {m: {**summary([lat for lat, _ in runs]), "tokens": sum(n for _, n in runs)}
+                         for m, runs in done.items() if runs}}
+
+
+def mixed_load(gateway: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    half = clients // 2
+    result = {"base": closed_loop(gateway, ["ratchet-base"] * clients, seconds, max_tokens),
+              "adapter": closed_loop(gateway, ["ratchet"] * clients, seconds, max_tokens),
+              "mixed": closed_loop(gateway, ["ratchet-base", "ratchet"] * half, seconds, max_tokens)}
+    alone = (result["base"]["tokens_per_second"] + result["adapter"]["tokens_per_second"]) / 2
+    result["mixed_over_alone"] = round(result["mixed"]["tokens_per_second"] / alone, 3)
+    return result
+
+
+# -- 4. tokens/s ---------------------------------------------------------------------------
 def tokens_per_second(gateway: str, model: str, max_tokens: int) -> dict:
     with httpx.Client() as http:
         http.post(f"{gateway}/v1/chat/completions", json={"model": model, "memory": False, "max_tokens": 8,
@@ -222,6 +277,7 @@ def report(result: dict) -> str:
     o1, o8 = result["overhead"]
     s = result["swaps"]
     t = result["tokens_per_second"]
+    m = result.get("mixed")
     lines = [
         "# Serving benchmark", "",
         f"vLLM options: `{result['vllm_options']}`; merged lane: {result['merged_lane']}; "
@@ -244,6 +300,20 @@ def report(result: dict) -> str:
         f"- the same load without swaps: p50 {s['baseline']['p50_s']} s, p99 {s['baseline']['p99_s']} s "
         f"({s['baseline']['n']} requests)" if s.get("baseline") else "",
         f"- adapters that answered: {', '.join(s['adapters_seen'])}",
+    ]
+    if m:
+        lines += [
+            "", f"## Mixed load: {sum(m['mixed']['clients'].values())} clients asking again as soon as answered, "
+            f"{m['mixed']['seconds']:.0f} s each", "",
+            "| clients | aggregate tok/s | base p50 s | adapter p50 s | failed |", "|---|---|---|---|---|",
+        ]
+        for label, x in (("all `ratchet-base`", m["base"]), ("all `ratchet` (adapter)", m["adapter"]),
+                         ("half and half", m["mixed"])):
+            p50 = {k: v["p50_s"] for k, v in x["by_model"].items()}
+            lines.append(f"| {label} | {x['tokens_per_second']} | {p50.get('ratchet-base', '—')} | "
+                         f"{p50.get('ratchet', '—')} | {x['failed']} |")
+        lines.append(f"\nHalf and half over the mean of the two alone: **{m['mixed_over_alone']}**.")
+    lines += [
         "", "## Tokens/s, one request at a time, through Ratchet", "",
         f"- base (`ratchet-base`): {t['base']['tokens_per_second']} tok/s",
         f"- active adapter (`ratchet`): {t['adapter']['tokens_per_second']} tok/s "
@@ -262,6 +332,8 @@ def main() -> None:
     ap.add_argument("--swap-clients", type=int, default=4)
     ap.add_argument("--settle", type=float, default=4.0, help="seconds of load between and after swaps")
     ap.add_argument("--baseline", type=float, default=40.0, help="seconds of the same load before the swaps")
+    ap.add_argument("--mixed-clients", type=int, default=8)
+    ap.add_argument("--mixed-seconds", type=float, default=40.0, help="seconds of each load in the mixed test")
     ap.add_argument("--output", default="reports")
     args = ap.parse_args()
     settings = Settings.load()
@@ -285,6 +357,8 @@ def main() -> None:
                                               args.baseline)
             print(json.dumps(result["swaps"]), flush=True)
             result["lane_ready_s"].append(wait_for_lane(server.url))
+            result["mixed"] = mixed_load(server.url, args.mixed_clients, args.mixed_seconds, args.max_tokens)
+            print(json.dumps(result["mixed"]), flush=True)
             result["tokens_per_second"] = {"base": tokens_per_second(server.url, "ratchet-base", 96),
                                            "adapter": tokens_per_second(server.url, "ratchet", 96)}
         result["left_running"] = server.left_running
