@@ -96,6 +96,11 @@ VARIANTS = {
                                                         "distill_weight": 3.0, "anchors_per_epoch": 120},
                                               anchors="general+nq", templates=2, anchor_tokens=16,
                                               cycle={"replay_earlier": 3.0, "memory_examples": True}),
+    # the default with half as many earlier corrections replayed as new ones (cycle 2 is the slow one)
+    "replay-nq-quarter-w3-mem-4ep-a120-r05": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                            "distill_weight": 3.0, "anchors_per_epoch": 120},
+                                                  anchors="general+nq", templates=2, anchor_tokens=16,
+                                                  cycle={"replay_earlier": 0.5, "memory_examples": True}),
     "no-replay-quarter": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75}, anchors="none",
                               templates=2, anchor_tokens=0),
     # the server's default recipe of 2026-12-01 (--cycles only): replay-nq-upper-w3, earlier corrections
