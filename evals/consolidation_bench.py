@@ -260,6 +260,10 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
     registry = AdapterRegistry(memory.db, data / "adapters")
     runner = Cycles(memory, registry, base, config, data, on_promote=lambda a: registry.activate(a.version))
     tok = AutoTokenizer.from_pretrained(base)
+
+    def in_scope(question: str) -> bool:  # as agent.graph decides who answers
+        return bool(memory.search(question, LOCAL_USER, k=1, threshold=ADAPTER_SCOPE))
+
     rows = []
     for c in range(cycles):
         batch = records[c * n : (c + 1) * n]
@@ -281,8 +285,8 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
         # correction, the base model any other.
         paraphrases = [r["paraphrase"] for r in batch]
         locality_qs = [r["locality_question"] for r in records[:n]]
-        routed_p = [bool(memory.search(q, LOCAL_USER, k=1, threshold=ADAPTER_SCOPE)) for q in paraphrases]
-        routed_l = [bool(memory.search(q, LOCAL_USER, k=1, threshold=ADAPTER_SCOPE)) for q in locality_qs]
+        routed_p = [in_scope(q) for q in paraphrases]
+        routed_l = [in_scope(q) for q in locality_qs]
         outside = [q for q, routed in zip(paraphrases, routed_p) if not routed]
         with model.disable_adapter():
             base_p = iter(generate(model, tok, outside) if outside else [])
@@ -294,7 +298,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
             base_memory_use = sum(is_correct(r["answer"], a) for r, a in zip(unseen + unseen, base_m)) / len(base_m)
         # Questions of other zsRE subjects, never stored: closer to the stored ones than NQ's, so
         # some fall in scope, and there the adapter's own locality is what is served.
-        routed_u = [bool(memory.search(r["question"], LOCAL_USER, k=1, threshold=ADAPTER_SCOPE)) for r in unseen]
+        routed_u = [in_scope(r["question"]) for r in unseen]
         inside_u = [r["question"] for r, routed in zip(unseen, routed_u) if routed]
         adapter_u = iter(generate(model, tok, inside_u) if inside_u else [])
         kept_u = [not routed or next(adapter_u) == b for routed, b in zip(routed_u, base_u)]
