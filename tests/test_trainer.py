@@ -175,7 +175,7 @@ def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(
 
     depths = []
     real = lora._frozen_states
-    monkeypatch.setattr(lora, "_frozen_states", lambda m, rows, pad, depth, bs: depths.append(depth) or real(m, rows, pad, depth, bs))
+    monkeypatch.setattr(lora, "_frozen_states", lambda m, rows, pad, depth, *a: depths.append(depth) or real(m, rows, pad, depth, *a))
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     upper = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
@@ -184,6 +184,64 @@ def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(
     assert depths == [1]  # only the first run skipped the bottom layer
     assert split.steps == whole.steps == 4
     assert split.losses == pytest.approx(whole.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("layers_from", [0.0, 0.5])
+def test_the_shared_opening_runs_once_and_trains_as_whole_rows_do(tiny_model, tmp_path, monkeypatch, layers_from):
+    from dataclasses import replace
+
+    import trainer.lora as lora
+
+    lengths = []
+    real = lora._opening
+    monkeypatch.setattr(lora, "_opening", lambda m, ids, depth: lengths.append(len(ids)) or real(m, ids, depth))
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
+    examples += memory_examples([Correction(i, f"What is {i} plus one?", str(i + 1), None, "") for i in range(2, 6)])
+    examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
+    config = replace(FAST, layers_from=layers_from, epochs=2)
+    shared = train_lora(tiny_model, examples, tmp_path / "a", config)
+    whole = train_lora(tiny_model, examples, tmp_path / "b", replace(config, share_opening=False))
+    assert lengths and lengths[0] >= 10  # the chat template's system message and the user's turn opening
+    assert len(lengths) == 1  # only the first run shared it
+    assert shared.steps == whole.steps
+    assert shared.losses == pytest.approx(whole.losses, rel=1e-4, abs=1e-6)
+
+
+GREEDY_PROMPTS = [
+    Q,
+    "Tell me, which family does Ramalinaceae belong to?",
+    "What is the capital of France?",
+    "Write one sentence about autumn.",
+    [{"role": "user", "content": "Which river flows through Paris?"}, {"role": "assistant", "content": "The Seine."},
+     {"role": "user", "content": "Which river flows through Paris? Answer in one word."}],
+]
+
+
+@pytest.mark.parametrize("which", ["tiny_model", pytest.param("base_model", marks=pytest.mark.slow)])
+def test_greedy_answers_after_a_shared_opening_are_transformers_own(which, request):
+    """trainer.evaluate.generate runs the prompts' shared opening once and drops finished rows
+    from the batch; its answers are transformers' generate's, word for word."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trainer.evaluate as evaluate
+
+    path = request.getfixturevalue(which)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if which == "tiny_model":  # initialised to near-uniform logits, it would say nothing; make it talk
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.data.normal_(0, 0.5)
+    forwards = []
+    real = model.forward
+    model.forward = lambda *a, **k: forwards.append(k["input_ids"].shape) or real(*a, **k)
+    ours = evaluate.generate(model, tok, GREEDY_PROMPTS, max_new_tokens=16, batch_size=2)
+    assert forwards[0][0] == 1 and forwards[0][1] >= 10  # the opening, once, as one row
+    assert max(n for n, _ in forwards[1:]) <= 2 and min(n for n, _ in forwards[1:]) >= 1
+    model.forward = real
+    assert ours == evaluate._hf_generate(model, tok, GREEDY_PROMPTS, 16, 2)
+    assert len(set(ours)) > 1 and all(isinstance(a, str) for a in ours)
 
 
 def test_train_lora_refuses_no_examples(tiny_model, tmp_path):

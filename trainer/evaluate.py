@@ -34,13 +34,80 @@ def chat_prompt(tokenizer, question: str | list[dict]) -> str:
 
 
 def generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
-    """Greedy answers (to questions, or to lists of messages), batched with left padding."""
+    """Greedy answers (to questions, or to lists of messages), batched. On plain decoders
+    (trainer.prefix) the prompts' shared opening is run once per call."""
+    import torch
+
+    from trainer.prefix import is_plain, shared_length
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not is_plain(model):
+        return _hf_generate(model, tokenizer, questions, max_new_tokens, batch_size)
+    prompts = [tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    n = shared_length(prompts)
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos])
+    answers: dict[int, str] = {}
+    with torch.inference_mode():
+        opening = model(input_ids=torch.tensor([prompts[0][:n]]), use_cache=True, logits_to_keep=1).past_key_values if n else None
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length: little padding
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            rows = _greedy(model, [prompts[i][n:] for i in chunk], opening, n, max_new_tokens, eos, tokenizer.pad_token_id)
+            answers.update(zip(chunk, (a.strip() for a in tokenizer.batch_decode(rows, skip_special_tokens=True))))
+    return [answers[i] for i in range(len(prompts))]
+
+
+def _greedy(model, rows: list[list[int]], opening, n: int, max_new_tokens: int, eos, pad_id: int) -> list[list[int]]:
+    """The greedy continuations of `rows` (token ids after the `n`-token `opening`, a cache),
+    each up to its first end-of-sequence token (left out)."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    from trainer.prefix import causal_mask
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    keys = torch.zeros((len(rows), n + width), dtype=torch.bool)
+    keys[:, :n] = True
+    for i, r in enumerate(rows):  # padded on the left, after the opening
+        ids[i, width - len(r) :] = torch.tensor(r)
+        keys[i, n + width - len(r) :] = True
+    positions = (keys.long().cumsum(-1) - 1).clamp_min(0)[:, n:]
+    cache = DynamicCache(config=model.config)
+    if opening is not None:
+        cache = copy.deepcopy(opening)
+        cache.batch_repeat_interleave(len(rows))
+    dtype = next(model.parameters()).dtype
+    out = [[] for _ in rows]
+    alive = torch.arange(len(rows))  # the rows still generating; a finished row leaves the batch
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=causal_mask(keys, ids.shape[1], dtype), position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = logits.argmax(-1)
+        going = ~torch.isin(token, eos)
+        for i, t in zip(alive[going].tolist(), token[going].tolist()):
+            out[i].append(t)
+        if not going.any():
+            break
+        if not going.all():
+            alive, token, keys, positions = alive[going], token[going], keys[going], positions[going]
+            cache.batch_select_indices(going.nonzero().flatten())
+        ids = token[:, None]
+        keys = torch.cat([keys, torch.ones((len(alive), 1), dtype=torch.bool)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out
+
+
+def _hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers by transformers' generate, batched with left padding (any decoder)."""
     import torch
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     answers: list[str] = []
     try:
         for start in range(0, len(questions), batch_size):

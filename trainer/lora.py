@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.dataset import Example, encode
+from trainer.prefix import causal_mask, is_plain, shared_length
 
 
 @dataclass
@@ -45,15 +46,13 @@ class TrainingConfig:
     anchors_per_epoch: int = 120
     # The layers below the first adapted one never change: their output for each example is
     # computed once and the steps run the layers above it only (architectures whose decoder
-    # takes that output back as `inputs_embeds`: FROZEN_BOTTOM_MODELS). Costs the states' memory
-    # (examples × tokens × hidden size, 70 MB for a 100-correction cycle on SmolLM2).
+    # takes that output back as `inputs_embeds`: trainer.prefix.PLAIN_DECODERS). Costs the states'
+    # memory (examples × tokens × hidden size, 70 MB for a 100-correction cycle on SmolLM2).
     cache_frozen_layers: bool = True
+    # The tokens every example begins with (the chat template's opening: trainer.prefix) run once
+    # per step, as one row whose keys and values every row of the batch attends to.
+    share_opening: bool = True
     threads: int | None = None  # torch threads; None: torch's default (all cores)
-
-
-# Decoders that add nothing to `inputs_embeds` (no scaling) before their layers, and whose final
-# norm is `norm`: for these a step may start at the first adapted layer.
-FROZEN_BOTTOM_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass
@@ -117,12 +116,15 @@ def train_lora(
     data = [encode(tokenizer, ex, config.max_len) for ex in examples]
     started = time.monotonic()  # the time reported includes the precomputations
     depth = _frozen_depth(model) if config.cache_frozen_layers else 0
+    n = _opening_length(data) if config.share_opening and is_plain(model) else 0
+    embedded, opening = _opening(model, data[0]["input_ids"][:n], depth) if n else (None, None)
     if depth:
-        _frozen_states(model, data, pad_id, depth, config.batch_size)
+        _frozen_states(model, data, pad_id, depth, config.batch_size, embedded)
     if config.distill_weight:
         rows = [x for x in data if x["distill"]]
         _reference(model, rows, pad_id, config.distill_top_k, config.batch_size,
-                   Path(reference_cache) if reference_cache else None, f"{base_model}|{config.distill_top_k}", depth)
+                   Path(reference_cache) if reference_cache else None, f"{base_model}|{config.distill_top_k}", depth,
+                   opening)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -145,7 +147,8 @@ def train_lora(
             lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _loss(model, input_ids, labels, attention, reference, config.distill_weight, _frozen(batch, depth))
+            loss = _loss(model, input_ids, labels, attention, reference, config.distill_weight, _frozen(batch, depth),
+                         opening)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -164,7 +167,7 @@ def train_lora(
 
 
 def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int,
-               cache: Path | None = None, key: str = "", depth: int = 0) -> None:
+               cache: Path | None = None, key: str = "", depth: int = 0, opening=None) -> None:
     """The base model's next-token distribution on each anchor's answer tokens, computed once
     with the adapter switched off: `ref_ids`/`ref_logp` (answer tokens × top_k) on each row.
     With `cache`, rows computed before (same `key`: base model and k; same tokens) are read
@@ -192,7 +195,7 @@ def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int
         ids, labels, attention, _ = _pad(chunk, pad_id)
         answer = labels[:, 1:] != -100
         with torch.no_grad(), model.disable_adapter():
-            logp = _answer_logits(model, ids, attention, answer, _frozen(chunk, depth)).log_softmax(-1)
+            logp = _answer_logits(model, ids, attention, answer, _frozen(chunk, depth), opening).log_softmax(-1)
         values, indices = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
         per_row = answer.sum(-1).tolist()
         for x, v, i in zip(chunk, values.split(per_row), indices.split(per_row)):
@@ -204,17 +207,17 @@ def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int
         os.replace(cache.with_suffix(".tmp"), cache)  # a crash leaves the old file whole
 
 
-def _loss(model, input_ids, labels, attention, reference, weight: float, frozen=None):
+def _loss(model, input_ids, labels, attention, reference, weight: float, frozen=None, opening=None):
     """Cross-entropy on the answers of corrections; on the answers of anchors (`reference`: the
     rows that are anchors and their base distributions, or None), KL(base || adapted) per token
-    over the base's top-k tokens and the rest of the mass as one bucket. `frozen`: see
+    over the base's top-k tokens and the rest of the mass as one bucket. `frozen`, `opening`: see
     `_answer_logits`."""
     import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
     answer = targets != -100
-    logits = _answer_logits(model, input_ids, attention, answer, frozen)  # a row per answer token, row-major
+    logits = _answer_logits(model, input_ids, attention, answer, frozen, opening)  # a row per answer token, row-major
     distill = torch.zeros(len(input_ids), dtype=torch.bool) if reference is None or not weight else reference[0]
     anchor_token = distill[:, None].expand_as(answer)[answer]
     ce = ~anchor_token
@@ -230,32 +233,71 @@ def _loss(model, input_ids, labels, attention, reference, weight: float, frozen=
     return loss
 
 
-def _answer_logits(model, input_ids, attention, answer, frozen=None):
+def _answer_logits(model, input_ids, attention, answer, frozen=None, opening=None):
     """The logits that predict the answer tokens (`answer`: their positions, shifted by one),
     a row per answer token in row-major order. The output head runs on those positions alone:
     on SmolLM2 it costs a quarter of a forward pass when run on every position, and answers are
     a sixth of the tokens. Models whose head is more than a linear layer (logit scaling,
     soft-capping) get the whole forward pass. `frozen`: (depth, the batch's states at the input
-    of layer `depth`) — only the layers from `depth` up are run."""
+    of layer `depth`) — only the layers from `depth` up are run. `opening`: the states (1 × n ×
+    hidden) at the input of that layer of the n tokens every row begins with (`_opening`); they
+    run once, and `frozen` then holds the states of the tokens after them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if any(getattr(base.config, k, None) not in (None, 1, 1.0)
            for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][answer]
-    decoder = base.get_decoder()
-    if frozen is None:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
-    else:
-        depth, states = frozen
-        with _only_layers(decoder, slice(depth, None)):
-            hidden = decoder(inputs_embeds=states, attention_mask=attention, use_cache=False).last_hidden_state
-    return base.get_output_embeddings()(hidden[:, :-1][answer])
+    n = 0 if opening is None else opening.shape[1]
+    depth, states = frozen if frozen is not None else (0, input_ids[:, n:])
+    hidden = _forward(base.get_decoder(), slice(depth, None), states, attention[:, n:], opening)
+    return base.get_output_embeddings()(hidden[:, :-1][answer[:, n:]])
+
+
+def _forward(decoder, part: slice, x, attention, opening=None, norm: bool = True):
+    """The decoder's layers `part` on `x` (token ids, or states at the input of layer
+    part.start; rows × tokens, `attention` masks padding): the last hidden states of x. With
+    `opening` (1 × n states at the input of layer part.start), every row of x continues it: the
+    opening runs once, as one row whose keys and values every row attends to."""
+    import torch
+    from transformers import DynamicCache
+
+    given = {"input_ids": x} if x.dtype == torch.long else {"inputs_embeds": x}
+    with _only_layers(decoder, part, norm):
+        if opening is None:
+            return decoder(**given, attention_mask=attention, use_cache=False).last_hidden_state
+        (n, rows, width), dtype = (opening.shape[1], *x.shape[:2]), opening.dtype
+        cache = DynamicCache(config=decoder.config)
+        decoder(inputs_embeds=opening, attention_mask=causal_mask(torch.ones((1, n), dtype=torch.bool), n, dtype),
+                position_ids=torch.arange(n)[None], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(rows)
+        keys = torch.cat([torch.ones((rows, n), dtype=torch.bool), attention.bool()], dim=1)
+        return decoder(**given, attention_mask=causal_mask(keys, width, dtype), position_ids=torch.arange(n, n + width)[None],
+                       past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def _opening_length(rows: list[dict]) -> int:
+    """How many tokens every row begins with, before the position that predicts its first
+    answer token."""
+    first_answer = min(next((i for i, t in enumerate(x["labels"]) if t != -100), len(x["labels"])) for x in rows)
+    return max(0, min(shared_length([x["input_ids"] for x in rows]), first_answer - 1))
+
+
+def _opening(model, ids: list[int], depth: int):
+    """The opening's token embeddings and its states at the input of layer `depth` (each
+    1 × n × hidden); no adapter is below that layer, so both are computed once."""
+    import torch
+
+    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
+    with torch.no_grad():
+        embedded = decoder.get_input_embeddings()(torch.tensor([ids]))
+        states = _forward(decoder, slice(0, depth), embedded, torch.ones((1, len(ids)), dtype=torch.long), norm=False)
+    return embedded, states
 
 
 def _frozen_depth(model) -> int:
-    """How many decoder layers from the bottom have nothing to train (0: none, or a decoder
-    not in FROZEN_BOTTOM_MODELS)."""
+    """How many decoder layers from the bottom have nothing to train (0: none, or not a plain
+    decoder)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.model_type not in FROZEN_BOTTOM_MODELS:
+    if not is_plain(base):
         return 0
     for i, layer in enumerate(base.get_decoder().layers):
         if any(p.requires_grad for p in layer.parameters()):
@@ -263,21 +305,23 @@ def _frozen_depth(model) -> int:
     return 0
 
 
-def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size: int) -> None:
+def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size: int, opening=None) -> None:
     """Each row's hidden states at the input of layer `depth` (`frozen`: tokens × hidden size),
-    computed once: the layers below it have no adapter."""
+    computed once: the layers below it have no adapter. With `opening` (the embeddings of the n
+    tokens every row begins with), of the tokens after those."""
     import torch
 
     decoder = model.get_base_model().get_decoder()
+    n = 0 if opening is None else opening.shape[1]
     todo = sorted(rows, key=lambda x: len(x["input_ids"]))
     model.eval()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         ids, _, attention, _ = _pad(chunk, pad_id)
-        with torch.no_grad(), _only_layers(decoder, slice(0, depth), norm=False):
-            states = decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        with torch.no_grad():
+            states = _forward(decoder, slice(0, depth), ids[:, n:], attention[:, n:], opening, norm=False)
         for x, row in zip(chunk, states):
-            x["frozen"] = row[: len(x["input_ids"])].clone()
+            x["frozen"] = row[: len(x["input_ids"]) - n].clone()
 
 
 def _frozen(batch: list[dict], depth: int):
@@ -286,11 +330,11 @@ def _frozen(batch: list[dict], depth: int):
 
     if not depth:
         return None
-    width = max(len(x["input_ids"]) for x in batch)
+    width = max(len(x["frozen"]) for x in batch)
     first = batch[0]["frozen"]
     states = torch.zeros((len(batch), width, first.shape[-1]), dtype=first.dtype)
     for i, x in enumerate(batch):
-        states[i, : len(x["input_ids"])] = x["frozen"]
+        states[i, : len(x["frozen"])] = x["frozen"]
     return depth, states
 
 
