@@ -158,14 +158,41 @@ def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path, 
 
     cache = tmp_path / "reference.pt"
     first = rows("one", "two")
-    lora._reference(model, first, tok.eos_token_id, 8, 4, cache, "base|8")
+    lora._reference(model, first, tok.eos_token_id, 8, 4, lora._RowCache(cache, "base|8"))
     assert len(forwards) == 1 and cache.exists()
     again = rows("one", "two", "three")
-    lora._reference(model, again, tok.eos_token_id, 8, 4, cache, "base|8")
+    lora._reference(model, again, tok.eos_token_id, 8, 4, lora._RowCache(cache, "base|8"))
     assert len(forwards) == 2  # only "three" was computed
     assert torch.equal(again[0]["ref_logp"], first[0]["ref_logp"]) and torch.equal(again[1]["ref_ids"], first[1]["ref_ids"])
-    lora._reference(model, rows("one"), tok.eos_token_id, 16, 4, cache, "base|16")  # another k: computed anew
+    lora._reference(model, rows("one"), tok.eos_token_id, 16, 4, lora._RowCache(cache, "base|16"))  # another k: anew
     assert len(forwards) == 3
+
+
+def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import torch
+
+    import trainer.lora as lora
+
+    computed = []
+    real = lora._forward
+    monkeypatch.setattr(lora, "_forward", lambda decoder, part, x, *a, **k: (
+        computed.append(len(x)) if part.stop == 1 and x.dtype == torch.long else None) or real(decoder, part, x, *a, **k))
+    anchors = [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
+    config = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
+    cache = tmp_path / "states.pt"
+    first = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}",)) + anchors
+    train_lora(tiny_model, first, tmp_path / "a", config, states_cache=cache)
+    assert sum(computed) == 7 and len(torch.load(cache)) == 7
+    computed.clear()
+    second = examples_for([Correction(2, "Which family does Ramalinaceae belong to?", "Lecanorales", None, "")],
+                          ("{q}",)) + first
+    kept = train_lora(tiny_model, second, tmp_path / "b", config, states_cache=cache)
+    assert sum(computed) == 1  # only the new correction's row went through the frozen layer
+    assert len(torch.load(cache)) == 8  # this training's rows
+    fresh = train_lora(tiny_model, second, tmp_path / "c", config)
+    assert kept.losses == pytest.approx(fresh.losses, rel=1e-4, abs=1e-6)
 
 
 def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path, monkeypatch):

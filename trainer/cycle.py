@@ -216,7 +216,8 @@ class Cycles:
 
             result = train_lora(self.base_model, examples, out, self.config.training, progress,
                                 init_adapter=plan["init_adapter"],
-                                reference_cache=self.work_dir / "anchor_reference.pt")
+                                reference_cache=self.work_dir / "anchor_reference.pt",
+                                states_cache=self.work_dir / "frozen_states.pt")
             active = self.registry.active()
             metrics = {
                 "train_seconds": round(result.seconds, 2),

@@ -76,10 +76,13 @@ def train_lora(
     progress: Callable[[int, int, float], None] | None = None,
     init_adapter: str | Path | None = None,
     reference_cache: str | Path | None = None,
+    states_cache: str | Path | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter on `examples` and save it as a plain PEFT folder in `out_dir`;
     from `init_adapter`'s weights (continuing a previous version) or from zero. The anchors'
-    base distributions are kept in `reference_cache` (a file) for the next training, if given."""
+    base distributions are kept in `reference_cache` (a file) for the next training, if given,
+    and the frozen layers' states of this training's examples in `states_cache`: the anchors
+    and the replayed corrections come back in the next cycle."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,12 +122,12 @@ def train_lora(
     n = _opening_length(data) if config.share_opening and is_plain(model) else 0
     embedded, opening = _opening(model, data[0]["input_ids"][:n], depth) if n else (None, None)
     if depth:
-        _frozen_states(model, data, pad_id, depth, config.batch_size, embedded)
+        _frozen_states(model, data, pad_id, depth, config.batch_size, embedded,
+                       _RowCache(states_cache, f"{base_model}|{depth}|{n}"))
     if config.distill_weight:
         rows = [x for x in data if x["distill"]]
         _reference(model, rows, pad_id, config.distill_top_k, config.batch_size,
-                   Path(reference_cache) if reference_cache else None, f"{base_model}|{config.distill_top_k}", depth,
-                   opening)
+                   _RowCache(reference_cache, f"{base_model}|{config.distill_top_k}"), depth, opening)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -166,24 +169,49 @@ def train_lora(
     return TrainingResult(step, time.monotonic() - started, tokens, losses[-1], losses)
 
 
+class _RowCache:
+    """Results per example row kept in a file from one training to the next (`path` None:
+    nothing kept), found by `key` (what they depend on besides the row) and the row's tokens."""
+
+    def __init__(self, path: str | Path | None, key: str):
+        import torch
+
+        self.path, self.key = (Path(path) if path else None), key
+        self.stored = torch.load(self.path, weights_only=True) if self.path and self.path.exists() else {}
+
+    def _key(self, x: dict) -> str:
+        import hashlib
+
+        return hashlib.sha1(json.dumps([self.key, x["input_ids"], x["labels"]]).encode()).hexdigest()
+
+    def get(self, x: dict):
+        return self.stored.get(self._key(x))
+
+    def save(self, rows: list[dict], value: Callable[[dict], object], keep_others: bool = True) -> None:
+        """Keep `value(x)` of each of `rows` (and, with keep_others, what was kept before)."""
+        import os
+
+        import torch
+
+        if self.path is None:
+            return
+        self.stored = {**(self.stored if keep_others else {}), **{self._key(x): value(x) for x in rows}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.stored, self.path.with_suffix(".tmp"))
+        os.replace(self.path.with_suffix(".tmp"), self.path)  # a crash leaves the old file whole
+
+
 def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int,
-               cache: Path | None = None, key: str = "", depth: int = 0, opening=None) -> None:
+               cache: _RowCache | None = None, depth: int = 0, opening=None) -> None:
     """The base model's next-token distribution on each anchor's answer tokens, computed once
     with the adapter switched off: `ref_ids`/`ref_logp` (answer tokens × top_k) on each row.
-    With `cache`, rows computed before (same `key`: base model and k; same tokens) are read
-    from it and the new ones added: anchors repeat from cycle to cycle."""
-    import hashlib
-    import os
-
+    With `cache` (its key: base model and k), rows computed before are read from it and the
+    new ones added: anchors repeat from cycle to cycle."""
     import torch
 
-    def row_key(x: dict) -> str:
-        return hashlib.sha1(json.dumps([key, x["input_ids"], x["labels"]]).encode()).hexdigest()
-
-    stored = torch.load(cache, weights_only=True) if cache and cache.exists() else {}
     todo = []
     for x in rows:
-        found = stored.get(row_key(x))
+        found = cache.get(x) if cache else None
         if found is not None:
             x["ref_ids"], x["ref_logp"] = found
         else:
@@ -201,10 +229,7 @@ def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int
         for x, v, i in zip(chunk, values.split(per_row), indices.split(per_row)):
             x["ref_logp"], x["ref_ids"] = v.clone(), i.clone()
     if cache and todo:
-        stored.update({row_key(x): (x["ref_ids"], x["ref_logp"]) for x in todo})
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(stored, cache.with_suffix(".tmp"))
-        os.replace(cache.with_suffix(".tmp"), cache)  # a crash leaves the old file whole
+        cache.save(todo, lambda x: (x["ref_ids"], x["ref_logp"]))
 
 
 def _loss(model, input_ids, labels, attention, reference, weight: float, frozen=None, opening=None):
@@ -305,15 +330,24 @@ def _frozen_depth(model) -> int:
     return 0
 
 
-def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size: int, opening=None) -> None:
+def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size: int, opening=None,
+                   cache: _RowCache | None = None) -> None:
     """Each row's hidden states at the input of layer `depth` (`frozen`: tokens × hidden size),
     computed once: the layers below it have no adapter. With `opening` (the embeddings of the n
-    tokens every row begins with), of the tokens after those."""
+    tokens every row begins with), of the tokens after those. With `cache` (its key: base model,
+    depth and n), rows of the training before are read from it, and this training's rows kept."""
     import torch
 
     decoder = model.get_base_model().get_decoder()
     n = 0 if opening is None else opening.shape[1]
-    todo = sorted(rows, key=lambda x: len(x["input_ids"]))
+    todo = []
+    for x in rows:
+        found = cache.get(x) if cache else None
+        if found is not None:
+            x["frozen"] = found
+        else:
+            todo.append(x)
+    todo.sort(key=lambda x: len(x["input_ids"]))
     model.eval()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -322,6 +356,8 @@ def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size:
             states = _forward(decoder, slice(0, depth), ids[:, n:], attention[:, n:], opening, norm=False)
         for x, row in zip(chunk, states):
             x["frozen"] = row[: len(x["input_ids"]) - n].clone()
+    if cache and todo:
+        cache.save(rows, lambda x: x["frozen"], keep_others=False)  # one training's rows: the file stays small
 
 
 def _frozen(batch: list[dict], depth: int):
