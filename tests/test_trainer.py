@@ -271,6 +271,33 @@ def test_greedy_answers_after_a_shared_opening_are_transformers_own(which, reque
     assert len(set(ours)) > 1 and all(isinstance(a, str) for a in ours)
 
 
+def test_a_decoder_of_another_shape_trains_and_answers_without_the_shortcuts(base_model, tmp_path):
+    """GPT-2 names its layers `h` and its norm `ln_f`: no frozen layers, no shared opening, and
+    transformers' own generate."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from trainer.evaluate import generate
+    from trainer.prefix import is_plain
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
+    examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
+    config = replace(FAST, layers_from=0.5, target_modules=["c_attn"])
+    result = train_lora(str(tmp_path / "gpt2"), examples, tmp_path / "a", config)
+    assert result.steps >= 2 and all(loss == loss for loss in result.losses)  # no NaN
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2"), tmp_path / "a").eval()
+    assert not is_plain(model)
+    answers = generate(model, tokenizer, [Q, "Say the number 3."], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
 def test_train_lora_refuses_no_examples(tiny_model, tmp_path):
     with pytest.raises(ValueError):
         train_lora(tiny_model, [], tmp_path / "a", FAST)

@@ -286,6 +286,8 @@ def _forward(decoder, part: slice, x, attention, opening=None, norm: bool = True
     from transformers import DynamicCache
 
     given = {"input_ids": x} if x.dtype == torch.long else {"inputs_embeds": x}
+    if opening is None and part == slice(0, None) and norm:  # the whole decoder, as any architecture runs it
+        return decoder(**given, attention_mask=attention, use_cache=False).last_hidden_state
     with _only_layers(decoder, part, norm):
         if opening is None:
             return decoder(**given, attention_mask=attention, use_cache=False).last_hidden_state
