@@ -77,10 +77,8 @@ def _greedy(model, rows: list[list[int]], opening, n: int, max_new_tokens: int, 
         ids[i, width - len(r) :] = torch.tensor(r)
         keys[i, n + width - len(r) :] = True
     positions = (keys.long().cumsum(-1) - 1).clamp_min(0)[:, n:]
-    cache = DynamicCache(config=model.config)
-    if opening is not None:
-        cache = copy.deepcopy(opening)
-        cache.batch_repeat_interleave(len(rows))
+    cache = DynamicCache(config=model.config) if opening is None else copy.deepcopy(opening)
+    cache.batch_repeat_interleave(len(rows))  # (nothing to repeat in an empty cache)
     dtype = next(model.parameters()).dtype
     out = [[] for _ in rows]
     alive = torch.arange(len(rows))  # the rows still generating; a finished row leaves the batch

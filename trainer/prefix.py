@@ -27,15 +27,11 @@ def is_plain(model) -> bool:
 
 def shared_length(rows: list[list[int]]) -> int:
     """How many tokens all `rows` begin with, leaving at least one token of each row after it."""
+    import os
+
     if not rows:
         return 0
-    first, n = rows[0], min(len(r) for r in rows) - 1
-    for r in rows[1:]:
-        i = 0
-        while i < n and r[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
+    return max(0, min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1))
 
 
 def causal_mask(keys, queries: int, dtype):
