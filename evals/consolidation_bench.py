@@ -15,7 +15,7 @@ kept (its verdict by the default thresholds reported, every candidate promoted s
 cycle has something to keep), and after each cycle the adapter measured on zsRE as above plus the
 retention of the earlier cycles' corrections.
 
-    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem-4ep-a120,no-replay-quarter
+    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem-4ep,no-replay-quarter
 """
 
 from __future__ import annotations
@@ -81,17 +81,28 @@ VARIANTS = {
     # but efficacy 0.86 in a server cycle of 100: reports/consolidation/results_100x2_2026-12-01a.md)
     "replay-nq-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0},
                                  anchors="general+nq", templates=2, anchor_tokens=16),
+    # the same with LoRA on the MLPs only, on attention only, at rank 4 (2026-12-01 (6))
+    "replay-nq-quarter-w3-mlp": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
+                                               "distill_weight": 3.0, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+                                     anchors="general+nq", templates=2, anchor_tokens=16),
+    "replay-nq-quarter-w3-attn": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                "distill_weight": 3.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                                      anchors="general+nq", templates=2, anchor_tokens=16),
+    "replay-nq-quarter-w3-r4": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0,
+                                              "r": 4, "alpha": 8},
+                                    anchors="general+nq", templates=2, anchor_tokens=16),
     # --cycles only: replay-nq-quarter-w3, earlier corrections replayed up to 3 per new one, memory
     # examples; and the same recipe with no replay at all
     "replay-nq-quarter-w3-mem": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
                                                "distill_weight": 3.0}, anchors="general+nq", templates=2,
                                      anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
-    # replay-nq-quarter-w3-mem with 4 epochs (its first cycle's efficacy was 0.86 with 3)
+    # replay-nq-quarter-w3-mem with 4 epochs (its first cycle's efficacy was 0.86 with 3): the server's
+    # default recipe (compare with no-replay-quarter)
     "replay-nq-quarter-w3-mem-4ep": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
                                                    "distill_weight": 3.0}, anchors="general+nq", templates=2,
                                          anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
-    # the same with 120 anchors an epoch, drawn in turn from the 198 (cheaper): the server's default recipe
-    # since 2026-12-01 (compare with no-replay-quarter)
+    # the same with 120 anchors an epoch, drawn in turn from the 198 (cheaper; the default of
+    # 2026-12-01 (3)-(5), whose cycle 2 answered exactly 0.80 of the paraphrases)
     "replay-nq-quarter-w3-mem-4ep-a120": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
                                                         "distill_weight": 3.0, "anchors_per_epoch": 120},
                                               anchors="general+nq", templates=2, anchor_tokens=16,
@@ -113,7 +124,7 @@ VARIANTS = {
 
 def training_config(variant: dict):
     """A recipe's TrainingConfig. A recipe that does not say draws every anchor every epoch, as
-    all did when they were measured (the default is 120 since 2026-12-01)."""
+    all did when they were measured (as the default does up to 256 anchors)."""
     from trainer.lora import TrainingConfig
 
     return replace(TrainingConfig(), **{"anchors_per_epoch": 0, **variant["training"]})
