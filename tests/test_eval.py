@@ -50,3 +50,27 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     assert (out / "accuracy_per_cycle.png").stat().st_size > 10_000
     assert (out / "first_cycle_over_time.png").stat().st_size > 10_000
     assert "| memory only |" in (out / "report.md").read_text()
+
+
+def test_locality_profile_counts_where_the_adapter_parts_from_the_base(tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals.locality_profile import BINS, profile, report
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    questions = ["Who wrote Hamlet?", "What is the capital of France?", "How tall is Everest?"]
+    answers = ["William Shakespeare wrote it.", "Paris is the capital.", "About 8,849 metres."]
+    same = profile(model, tokenizer, questions, answers)  # a fresh LoRA changes nothing
+    assert same["agreement"] == 1.0 and same["answers_wholly_agreeing"] == 1.0
+    assert len(same["bins"]) == len(BINS)
+    assert abs(sum(b["share_of_tokens"] for b in same["bins"]) - 1.0) < 1e-9
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 5.0)
+    moved = profile(model, tokenizer, questions, answers)
+    assert moved["agreement"] < 1.0 and moved["tokens"] == same["tokens"]
+    assert "| q | 3 |" in report("x", {"q": moved})
