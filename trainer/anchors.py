@@ -126,6 +126,8 @@ def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trainer.evaluate import eos_ids
+
     tokenizer = AutoTokenizer.from_pretrained(base_model, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -138,7 +140,6 @@ def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, batch["input_ids"].shape[1] :]
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = set(eos_ids(model, tokenizer))
     return [{"text": tokenizer.decode(row, skip_special_tokens=True).strip(),
              "complete": any(int(t) in eos for t in row)} for row in new]

@@ -33,6 +33,13 @@ def chat_prompt(tokenizer, question: str | list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a generated answer: the model's generation config's, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return eos if isinstance(eos, list) else [eos]
+
+
 def generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
     """Greedy answers (to questions, or to lists of messages), batched. On plain decoders
     (trainer.prefix) the prompts' shared opening is run once per call."""
@@ -46,8 +53,7 @@ def generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens
         return _hf_generate(model, tokenizer, questions, max_new_tokens, batch_size)
     prompts = [tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
     n = shared_length(prompts)
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-    eos = torch.tensor(eos if isinstance(eos, list) else [eos])
+    eos = torch.tensor(eos_ids(model, tokenizer))
     answers: dict[int, str] = {}
     with torch.inference_mode():
         opening = model(input_ids=torch.tensor([prompts[0][:n]]), use_cache=True, logits_to_keep=1).past_key_values if n else None

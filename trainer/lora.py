@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.dataset import Example, encode
-from trainer.prefix import causal_mask, is_plain, shared_length
+from trainer.prefix import causal_mask, is_plain, shared_length, unwrapped
 
 
 @dataclass
@@ -271,7 +271,7 @@ def _answer_logits(model, input_ids, attention, answer, frozen=None, opening=Non
     of layer `depth`) — only the layers from `depth` up are run. `opening`: the states (1 × n ×
     hidden) at the input of that layer of the n tokens every row begins with (`_opening`); they
     run once, and `frozen` then holds the states of the tokens after them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     if any(getattr(base.config, k, None) not in (None, 1, 1.0)
            for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][answer]
@@ -317,7 +317,7 @@ def _opening(model, ids: list[int], depth: int):
     1 × n × hidden); no adapter is below that layer, so both are computed once."""
     import torch
 
-    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
+    decoder = unwrapped(model).get_decoder()
     with torch.no_grad():
         embedded = decoder.get_input_embeddings()(torch.tensor([ids]))
         states = _forward(decoder, slice(0, depth), embedded, torch.ones((1, len(ids)), dtype=torch.long), norm=False)
@@ -327,7 +327,7 @@ def _opening(model, ids: list[int], depth: int):
 def _frozen_depth(model) -> int:
     """How many decoder layers from the bottom have nothing to train (0: none, or not a plain
     decoder)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     if not is_plain(base):
         return 0
     for i, layer in enumerate(base.get_decoder().layers):
@@ -344,7 +344,7 @@ def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size:
     depth and n), rows of the training before are read from it, and this training's rows kept."""
     import torch
 
-    decoder = model.get_base_model().get_decoder()
+    decoder = unwrapped(model).get_decoder()
     n = 0 if opening is None else opening.shape[1]
     todo = []
     for x in rows:

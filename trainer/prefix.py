@@ -19,8 +19,13 @@ from __future__ import annotations
 PLAIN_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
+def unwrapped(model):
+    """The transformers model inside a PEFT wrapper, or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_plain(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     return (base.config.model_type in PLAIN_DECODERS
             and getattr(base.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
