@@ -58,6 +58,7 @@ def test_locality_profile_counts_where_the_adapter_parts_from_the_base(tiny_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evals.locality_profile import BINS, profile, report
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])).eval()
