@@ -263,12 +263,15 @@ def test_greedy_answers_after_a_shared_opening_are_transformers_own(which, reque
     forwards = []
     real = model.forward
     model.forward = lambda *a, **k: forwards.append(k["input_ids"].shape) or real(*a, **k)
-    ours = evaluate.generate(model, tok, GREEDY_PROMPTS, max_new_tokens=16, batch_size=2)
+    ours = evaluate.greedy_ids(model, tok, GREEDY_PROMPTS, max_new_tokens=16, batch_size=2)
     assert forwards[0][0] == 1 and forwards[0][1] >= 10  # the opening, once, as one row
     assert max(n for n, _ in forwards[1:]) <= 2 and min(n for n, _ in forwards[1:]) >= 1
     model.forward = real
-    assert ours == evaluate._hf_generate(model, tok, GREEDY_PROMPTS, 16, 2)
-    assert len(set(ours)) > 1 and all(isinstance(a, str) for a in ours)
+    eos = torch.tensor(evaluate.eos_ids(model, tok))
+    assert ours == evaluate._hf_generate(model, tok, GREEDY_PROMPTS, 16, 2, eos)  # token for token
+    assert len({tuple(r) for r in ours}) > 1 and not any(set(r) & set(eos.tolist()) for r in ours)
+    texts = evaluate.generate(model, tok, GREEDY_PROMPTS, max_new_tokens=16, batch_size=2)
+    assert texts == [a.strip() for a in tok.batch_decode(ours, skip_special_tokens=True)]
 
 
 def test_a_decoder_of_another_shape_trains_and_answers_without_the_shortcuts(base_model, tmp_path):

@@ -126,20 +126,10 @@ def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.evaluate import eos_ids
+    from trainer.evaluate import greedy_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(base_model, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, batch["input_ids"].shape[1] :]
-    eos = set(eos_ids(model, tokenizer))
-    return [{"text": tokenizer.decode(row, skip_special_tokens=True).strip(),
-             "complete": any(int(t) in eos for t in row)} for row in new]
+    rows = greedy_ids(model, tokenizer, prompts, max_new_tokens)
+    return [{"text": tokenizer.decode(row, skip_special_tokens=True).strip(), "complete": len(row) < max_new_tokens}
+            for row in rows]

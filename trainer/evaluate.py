@@ -41,27 +41,35 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 def generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
-    """Greedy answers (to questions, or to lists of messages), batched. On plain decoders
-    (trainer.prefix) the prompts' shared opening is run once per call."""
+    """Greedy answers (to questions, or to lists of messages), batched."""
+    rows = greedy_ids(model, tokenizer, questions, max_new_tokens, batch_size)
+    return [a.strip() for a in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def greedy_ids(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int = 24,
+               batch_size: int = 32) -> list[list[int]]:
+    """The greedy answers' tokens, each up to its end-of-answer token (left out): an answer of
+    fewer than `max_new_tokens` tokens ended, one of `max_new_tokens` was cut off. On plain
+    decoders (trainer.prefix) the prompts' shared opening is run once per call."""
     import torch
 
     from trainer.prefix import is_plain, shared_length
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    eos = torch.tensor(eos_ids(model, tokenizer))
     if not is_plain(model):
-        return _hf_generate(model, tokenizer, questions, max_new_tokens, batch_size)
+        return _hf_generate(model, tokenizer, questions, max_new_tokens, batch_size, eos)
     prompts = [tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
     n = shared_length(prompts)
-    eos = torch.tensor(eos_ids(model, tokenizer))
-    answers: dict[int, str] = {}
+    answers: dict[int, list[int]] = {}
     with torch.inference_mode():
         opening = model(input_ids=torch.tensor([prompts[0][:n]]), use_cache=True, logits_to_keep=1).past_key_values if n else None
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length: little padding
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            rows = _greedy(model, [prompts[i][n:] for i in chunk], opening, n, max_new_tokens, eos, tokenizer.pad_token_id)
-            answers.update(zip(chunk, (a.strip() for a in tokenizer.batch_decode(rows, skip_special_tokens=True))))
+            answers.update(zip(chunk, _greedy(model, [prompts[i][n:] for i in chunk], opening, n, max_new_tokens, eos,
+                                              tokenizer.pad_token_id)))
     return [answers[i] for i in range(len(prompts))]
 
 
@@ -106,13 +114,14 @@ def _greedy(model, rows: list[list[int]], opening, n: int, max_new_tokens: int, 
     return out
 
 
-def _hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers by transformers' generate, batched with left padding (any decoder)."""
+def _hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int, batch_size: int,
+                 eos) -> list[list[int]]:
+    """`greedy_ids` by transformers' generate, batched with left padding (any decoder)."""
     import torch
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    answers: list[str] = []
+    answers: list[list[int]] = []
     try:
         for start in range(0, len(questions), batch_size):
             texts = [chat_prompt(tokenizer, q) for q in questions[start : start + batch_size]]
@@ -120,8 +129,9 @@ def _hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_to
             with torch.inference_mode():
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-            answers += [a.strip() for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :],
-                                                                   skip_special_tokens=True)]
+            for row in out[:, batch["input_ids"].shape[1] :]:
+                ended = torch.isin(row, eos).nonzero()
+                answers.append(row[: int(ended[0]) if len(ended) else len(row)].tolist())
     finally:
         tokenizer.padding_side = side
     return answers
