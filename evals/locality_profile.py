@@ -39,26 +39,11 @@ def profile(model, tokenizer, questions: list[str], answers: list[str], batch_si
     """Agreement of `model` (a PeftModel) with its base on `answers`, by token and by base margin."""
     import torch
 
-    from trainer.evaluate import chat_prompt
+    from trainer.evaluate import teacher_forced
 
-    rows = []
-    for q, a in zip(questions, answers):
-        prompt = tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(a, add_special_tokens=False)["input_ids"]
-        if answer:
-            rows.append((prompt, answer))
-    if not rows:
-        raise ValueError("no answer tokens to compare")
     tokens = []  # (base margin, agrees)
     whole = []  # every token of the answer agrees
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.eos_token_id)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (p, a) in enumerate(chunk):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[i, : len(p) + len(a)] = 1
+    for chunk, ids, mask in teacher_forced(tokenizer, questions, answers, batch_size):
         with torch.inference_mode():
             adapted = model(input_ids=ids, attention_mask=mask).logits
             with model.disable_adapter():
@@ -69,7 +54,9 @@ def profile(model, tokenizer, questions: list[str], answers: list[str], batch_si
             top2 = base[i, at].softmax(-1).topk(2).values
             tokens += [(float(m), ok) for m, ok in zip(top2[:, 0] - top2[:, 1], agrees)]
             whole.append(all(agrees))
-    out = {"answers": len(rows), "tokens": len(tokens),
+    if not tokens:
+        raise ValueError("no answer tokens to compare")
+    out = {"answers": len(whole), "tokens": len(tokens),
            "agreement": sum(ok for _, ok in tokens) / len(tokens),
            "answers_wholly_agreeing": sum(whole) / len(whole), "bins": []}
     for lo, hi in BINS:

@@ -144,6 +144,23 @@ def agreement(model, tokenizer, questions: list[str], answers: list[str], batch_
     import torch
 
     matched = total = 0
+    for rows, ids, mask in teacher_forced(tokenizer, questions, answers, batch_size):
+        with torch.inference_mode():
+            predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for i, (p, a) in enumerate(rows):
+            guess = predicted[i, len(p) - 1 : len(p) + len(a) - 1]
+            matched += int((guess == torch.tensor(a)).sum())
+            total += len(a)
+    return matched / total if total else 1.0
+
+
+def teacher_forced(tokenizer, questions: list[str], answers: list[str], batch_size: int = 32):
+    """Batches of questions each followed by its answer, to run as one forward pass: (rows,
+    ids, mask) with rows the (prompt tokens, answer tokens) of the batch's non-empty answers,
+    padded on the right. The logits at positions len(prompt)-1 … len(prompt)+len(answer)-2 of a
+    row predict its answer's tokens."""
+    import torch
+
     for start in range(0, len(questions), batch_size):
         rows = []
         for q, a in zip(questions[start : start + batch_size], answers[start : start + batch_size]):
@@ -160,10 +177,4 @@ def agreement(model, tokenizer, questions: list[str], answers: list[str], batch_
         for i, (p, a) in enumerate(rows):
             ids[i, : len(p) + len(a)] = torch.tensor(p + a)
             mask[i, : len(p) + len(a)] = 1
-        with torch.inference_mode():
-            predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-        for i, (p, a) in enumerate(rows):
-            guess = predicted[i, len(p) - 1 : len(p) + len(a) - 1]
-            matched += int((guess == torch.tensor(a)).sum())
-            total += len(a)
-    return matched / total if total else 1.0
+        yield rows, ids, mask

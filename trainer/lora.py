@@ -191,6 +191,17 @@ class _RowCache:
     def get(self, x: dict):
         return self.stored.get(self._key(x))
 
+    def missing(self, rows: list[dict], put: Callable[[dict, object], None]) -> list[dict]:
+        """`put(x, value)` for each row kept before; the rows not kept, to be computed."""
+        todo = []
+        for x in rows:
+            found = self.get(x)
+            if found is None:
+                todo.append(x)
+            else:
+                put(x, found)
+        return todo
+
     def save(self, rows: list[dict], value: Callable[[dict], object], keep_others: bool = True) -> None:
         """Keep `value(x)` of each of `rows` (and, with keep_others, what was kept before)."""
         import os
@@ -213,13 +224,10 @@ def _reference(model, rows: list[dict], pad_id: int, top_k: int, batch_size: int
     new ones added: anchors repeat from cycle to cycle."""
     import torch
 
-    todo = []
-    for x in rows:
-        found = cache.get(x) if cache else None
-        if found is not None:
-            x["ref_ids"], x["ref_logp"] = found
-        else:
-            todo.append(x)
+    def put(x: dict, found) -> None:
+        x["ref_ids"], x["ref_logp"] = found
+
+    todo = cache.missing(rows, put) if cache else list(rows)
     todo.sort(key=lambda x: len(x["input_ids"]))  # little padding
     model.eval()
     for start in range(0, len(todo), batch_size):
@@ -346,13 +354,7 @@ def _frozen_states(model, rows: list[dict], pad_id: int, depth: int, batch_size:
 
     decoder = unwrapped(model).get_decoder()
     n = 0 if opening is None else opening.shape[1]
-    todo = []
-    for x in rows:
-        found = cache.get(x) if cache else None
-        if found is not None:
-            x["frozen"] = found
-        else:
-            todo.append(x)
+    todo = cache.missing(rows, lambda x, found: x.update(frozen=found)) if cache else list(rows)
     todo.sort(key=lambda x: len(x["input_ids"]))
     model.eval()
     for start in range(0, len(todo), batch_size):
