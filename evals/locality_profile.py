@@ -19,16 +19,15 @@ import argparse
 import json
 from pathlib import Path
 
-from evals.zsre_data import ZSRE, nq_anchor_prompts
+from evals.zsre_data import nq_anchor_prompts, records as zsre_records
 
 BINS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.01))
 
 
 def question_sets(n: int = 100) -> dict[str, list[str]]:
-    with open(ZSRE) as f:
-        rows = [json.loads(line) for line in f]
+    rows = zsre_records()
     records = rows[:n]
-    anchors = list(nq_anchor_prompts(records, 150))
+    anchors = list(nq_anchor_prompts(records, 150, rows=rows))
     probes = [r["locality_question"] for r in records]
     taken = set(anchors) | set(probes)
     fresh = [q for q in dict.fromkeys(r["locality_question"] for r in reversed(rows)) if q not in taken][:n]

@@ -18,13 +18,17 @@ def records() -> list[dict]:
     return [json.loads(line) for line in ZSRE.open()]
 
 
-def nq_anchor_prompts(evaluated: list[dict], k: int = 150, path: Path | None = None) -> tuple[str, ...]:
+def nq_anchor_prompts(evaluated: list[dict], k: int = 150, path: Path | None = None,
+                      rows: list[dict] | None = None) -> tuple[str, ...]:
     """Replay anchors like a user's everyday questions: `k` Natural Questions queries taken from
-    the end of the file, none of them the locality question of an evaluated record (the file
-    repeats some), so locality is measured on questions never trained on."""
+    the end of the file (`rows`: its records, when already read), none of them the locality
+    question of an evaluated record (the file repeats some), so locality is measured on questions
+    never trained on."""
     held_out = {r["locality_question"] for r in evaluated}
-    with open(path or ZSRE) as f:
-        later = [json.loads(line)["locality_question"] for line in f][::-1]
+    if rows is None:
+        with open(path or ZSRE) as f:
+            rows = [json.loads(line) for line in f]
+    later = [r["locality_question"] for r in reversed(rows)]
     return tuple(dict.fromkeys(q for q in later if q not in held_out))[:k]
 
 

@@ -28,6 +28,31 @@ def test_nq_anchors_never_include_an_evaluated_locality_question():
     assert len(anchors) == len(set(anchors)) == 150
     assert not set(anchors) & {r["locality_question"] for r in evaluated}
     assert set(anchors[:10]) <= {r["locality_question"] for r in records[-20:]}  # taken from the end of the file
+    assert nq_anchor_prompts(evaluated, k=150, rows=records) == anchors  # the records already read: the same
+
+
+def test_frontier_counts_recipes_in_the_target_and_skips_cycle_results(tmp_path):
+    from evals.frontier import main, points
+
+    def result(name, efficacy, token, anchors="general+nq"):
+        return dict(variant=name, anchors=anchors, efficacy=efficacy, paraphrase=efficacy, locality_token=token,
+                    locality_strict=0.1)
+
+    (tmp_path / "results_100.json").write_text(json.dumps([result("a", 0.98, 0.91), result("b", 0.5, 0.5, "none")]))
+    (tmp_path / "results_100_later.json").write_text(json.dumps([result("a", 0.99, 0.96)]))  # a measured again
+    (tmp_path / "results_100x2.json").write_text(json.dumps([result("cycles", 1.0, 1.0)]))
+    (tmp_path / "levers.json").write_text(json.dumps([dict(name="c", family="other", efficacy=0.4, paraphrase=0.4,
+                                                           locality_token=0.93, locality_strict=0.3, section="(7)")]))
+    pts = {p["name"]: p for p in points(tmp_path)}
+    assert set(pts) == {"a", "b", "c"}
+    assert pts["a"]["locality_token"] == 0.96 and pts["b"]["family"] == "LoRA, no replay"
+    import sys
+    from unittest import mock
+
+    with mock.patch.object(sys, "argv", ["frontier", "--folder", str(tmp_path)]):
+        main()
+    assert "in the target (efficacy ≥ 0.95, token locality ≥ 0.95): 1." in (tmp_path / "frontier.md").read_text()
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
