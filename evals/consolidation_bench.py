@@ -15,7 +15,7 @@ kept (its verdict by the default thresholds reported, every candidate promoted s
 cycle has something to keep), and after each cycle the adapter measured on zsRE as above plus the
 retention of the earlier cycles' corrections.
 
-    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem-4ep,no-replay-quarter
+    python -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-everyday-quarter-w3-mem-4ep,no-replay-quarter
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from pathlib import Path
 
 from evals.zsre_data import ZSRE, nq_anchor_prompts
 
-# Each recipe: TrainingConfig overrides; anchors replayed ("none", "general": the 48 built-in
-# prompts, "general+nq": those and NQ questions from zsRE records after the evaluated ones, never
-# one of the evaluated locality questions); question phrasings trained per correction; length of
-# the replayed anchor answers in tokens.
+# Each recipe: TrainingConfig overrides; anchors replayed ("none", "general": the 48 general
+# prompts, "general+everyday": those and the 150 everyday questions, a server's built-in anchors,
+# "general+nq": the 48 and NQ questions from zsRE records after the evaluated ones, never one of
+# the evaluated locality questions); question phrasings trained per correction; length of the
+# replayed anchor answers in tokens.
 VARIANTS = {
     "no-replay": dict(training={"epochs": 4, "learning_rate": 1e-3, "layers_from": 0.0}, anchors="none",
                       templates=2, anchor_tokens=0),
@@ -81,6 +82,13 @@ VARIANTS = {
     # but efficacy 0.86 in a server cycle of 100: reports/consolidation/results_100x2_2026-12-01a.md)
     "replay-nq-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75, "distill_weight": 3.0},
                                  anchors="general+nq", templates=2, anchor_tokens=16),
+    # the same replaying only the 48 built-in prompts (a server's anchors without RATCHET_ANCHOR_PROMPTS)
+    "replay-general-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                "distill_weight": 3.0}, anchors="general", templates=2, anchor_tokens=16),
+    # the same replaying the built-in prompts and the built-in everyday questions (198 anchors)
+    "replay-everyday-quarter-w3": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                 "distill_weight": 3.0}, anchors="general+everyday", templates=2,
+                                       anchor_tokens=16),
     # the same with LoRA on the MLPs only, on attention only, at rank 4 (2026-12-01 (6))
     "replay-nq-quarter-w3-mlp": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75,
                                                "distill_weight": 3.0, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
@@ -101,6 +109,12 @@ VARIANTS = {
     "replay-nq-quarter-w3-mem-4ep": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
                                                    "distill_weight": 3.0}, anchors="general+nq", templates=2,
                                          anchor_tokens=16, cycle={"replay_earlier": 3.0, "memory_examples": True}),
+    # the same replaying the server's built-in anchors (48 general prompts and 150 everyday questions)
+    # instead of NQ queries: what a server runs by default since 2026-12-01 (7)
+    "replay-everyday-quarter-w3-mem-4ep": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                         "distill_weight": 3.0}, anchors="general+everyday",
+                                               templates=2, anchor_tokens=16,
+                                               cycle={"replay_earlier": 3.0, "memory_examples": True}),
     # the same with 120 anchors an epoch, drawn in turn from the 198 (cheaper; the default of
     # 2026-12-01 (3)-(5), whose cycle 2 answered exactly 0.80 of the paraphrases)
     "replay-nq-quarter-w3-mem-4ep-a120": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
@@ -170,11 +184,15 @@ def base_reference(base: str, records: list[dict], out: Path, tag: str = "") -> 
 
 
 def anchor_prompts(variant: dict, records: list[dict]) -> tuple[str, ...]:
-    """The prompts a recipe replays: none, the built-in ones, or those and NQ questions."""
-    from trainer.anchors import GENERAL_PROMPTS
+    """The prompts a recipe replays: none; the 48 general prompts ("general"); those and the 150
+    everyday questions ("general+everyday": a server's built-in anchors); or the 48 and NQ
+    questions ("general+nq")."""
+    from trainer.anchors import EVERYDAY_QUESTIONS, GENERAL_PROMPTS
 
     if variant["anchors"] == "none":
         return ()
+    if variant["anchors"] == "general+everyday":
+        return GENERAL_PROMPTS + EVERYDAY_QUESTIONS
     nq = nq_anchor_prompts(records, variant.get("nq", 150)) if variant["anchors"] == "general+nq" else ()
     return GENERAL_PROMPTS + nq
 

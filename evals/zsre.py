@@ -132,11 +132,11 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
 
 
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
-        engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "nq",
+        engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "built-in",
         merged_lane: bool = False) -> dict:
-    """`anchors` (for the server it starts): "nq" adds to the built-in replay prompts 150 Natural
-    Questions queries from records after the evaluated ones, never one of their locality
-    questions (a stand-in for the users' everyday questions); "general": the built-in ones only."""
+    """`anchors` (for the server it starts): "built-in": the replay prompts a server has by default
+    (trainer.anchors.BUILT_IN_ANCHORS); "nq" adds to them 150 Natural Questions queries from
+    records after the evaluated ones, never one of their locality questions."""
     records = load_records(n, data)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -146,8 +146,8 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
         if anchors == "nq":
             (data_dir / "anchor_prompts.txt").write_text("\n".join(nq_anchor_prompts(records, path=data)) + "\n")
             env["RATCHET_ANCHOR_PROMPTS"] = str(data_dir / "anchor_prompts.txt")
-        elif anchors != "general":
-            raise ValueError(f"anchors must be 'nq' or 'general', not {anchors!r}")
+        elif anchors != "built-in":
+            raise ValueError(f"anchors must be 'built-in' or 'nq', not {anchors!r}")
         console.print(f"starting ratchet serve ({engine}) in {data_dir} ...")
         with RatchetServer(data_dir, engine=engine, models_dir=models_dir, env=env) as server:
             results = _run(Client(server.url, concurrency), records, cycle_every, 240.0 if merged_lane else 0.0)
@@ -247,8 +247,10 @@ def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) ->
 
 
 ANCHORS_TEXT = {
-    "nq": "the 48 built-in general prompts and 150 Natural Questions queries from the end of the zsRE file, "
-          "none of them an evaluated locality question (a stand-in for users' everyday questions)",
+    "built-in": "the server's built-in prompts: 48 general prompts and 150 everyday questions",
+    "nq": "the server's built-in prompts and 150 Natural Questions queries from the end of the zsRE file, "
+          "none of them an evaluated locality question",
+    # runs from before 2026-12-01 (7), when the built-in prompts were the 48 general ones
     "general": "the 48 built-in general prompts",
 }
 

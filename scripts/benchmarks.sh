@@ -13,5 +13,5 @@ PY=.venv/bin/python
 .venv/bin/ratchet eval zsre --n "$N" --cycle-every "$K" --merged-lane --concurrency 8 --output "reports/zsre-n$N-k$K"
 $PY -m evals.serving_bench --rounds 20
 $PY -m evals.memory_bench
-$PY -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-nq-quarter-w3-mem-4ep,no-replay-quarter
+$PY -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-everyday-quarter-w3-mem-4ep,replay-nq-quarter-w3-mem-4ep,no-replay-quarter
 $PY -m evals.throughput

@@ -251,8 +251,9 @@ def eval_zsre(
     data: Optional[Path] = typer.Option(None, help="zsRE dev.jsonl (default ../shared/data/zsre/dev.jsonl)"),
     engine: str = typer.Option("vllm", help="Engine of the server it starts"),
     concurrency: int = typer.Option(4, min=1, help="Requests in flight at once"),
-    anchors: str = typer.Option("nq", help="Replay prompts of the server it starts: 'nq' (built-in + 150 NQ "
-                                           "questions disjoint from the evaluated ones) or 'general' (built-in)"),
+    anchors: str = typer.Option("built-in", help="Replay prompts of the server it starts: 'built-in' (a server's "
+                                                 "default) or 'nq' (those and 150 NQ questions disjoint from the "
+                                                 "evaluated ones)"),
     merged_lane: bool = typer.Option(False, help="Start the server with RATCHET_MERGED_LANE=1 (vLLM: the active "
                                                  "adapter merged, faster, and token-level locality measurable)"),
 ):

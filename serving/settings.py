@@ -11,7 +11,7 @@ from pathlib import Path
 
 from memory.store import ADAPTER_SCOPE, LOCAL_USER, RELEVANCE_THRESHOLD
 from serving.engines.vllm import VLLMOptions
-from trainer.anchors import GENERAL_PROMPTS, load_prompts
+from trainer.anchors import BUILT_IN_ANCHORS, load_prompts
 from trainer.base_model import EMBEDDED
 from trainer.cycle import CycleConfig
 from trainer.schedule import ScheduleConfig
@@ -72,7 +72,7 @@ class Settings:
             values["vllm"] = VLLMOptions.from_env()
         if "cycle" not in values and os.environ.get("RATCHET_ANCHOR_PROMPTS"):
             extra = load_prompts(os.environ["RATCHET_ANCHOR_PROMPTS"])
-            values["cycle"] = CycleConfig(anchor_prompts=GENERAL_PROMPTS + extra)
+            values["cycle"] = CycleConfig(anchor_prompts=tuple(dict.fromkeys(BUILT_IN_ANCHORS + extra)))
         return cls(**values, schedule=ScheduleConfig(every=every, after_corrections=after))
 
 

@@ -61,7 +61,7 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     out = tmp_path / "report"
     r = CliRunner().invoke(app, ["eval", "zsre", "--n", "4", "--cycle-every", "2", "--output", str(out),
                                  "--engine", "transformers", "--data", str(ZSRE), "--concurrency", "2",
-                                 "--anchors", "general"])
+                                 "--anchors", "built-in"])
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     assert [c["cycle"] for c in results["cycles"]] == [1, 2]

@@ -442,14 +442,16 @@ def test_the_gate_judges_memory_following_against_the_base_model_from_enough_pro
 
 def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, monkeypatch):
     from serving.settings import Settings
-    from trainer.anchors import GENERAL_PROMPTS, load_prompts
+    from trainer.anchors import BUILT_IN_ANCHORS, EVERYDAY_QUESTIONS, GENERAL_PROMPTS, PROBE_PROMPTS, load_prompts
 
+    assert len(BUILT_IN_ANCHORS) == len(set(BUILT_IN_ANCHORS)) == len(GENERAL_PROMPTS) + len(EVERYDAY_QUESTIONS) == 198
+    assert not set(BUILT_IN_ANCHORS) & set(PROBE_PROMPTS)  # the gate's probes are never trained on
     path = tmp_path / "anchors.txt"
-    path.write_text("Who played Desmond Doss?\n\n  Who played Desmond Doss?  \nWhen was the Eiffel Tower built?\n")
-    assert load_prompts(path) == ("Who played Desmond Doss?", "When was the Eiffel Tower built?")
-    assert Settings.load(data_dir=tmp_path).cycle.anchor_prompts == GENERAL_PROMPTS
+    path.write_text("Who played Desmond Doss?\n\n  Who played Desmond Doss?  \nWhat is the capital of France?\n")
+    assert load_prompts(path) == ("Who played Desmond Doss?", "What is the capital of France?")
+    assert Settings.load(data_dir=tmp_path).cycle.anchor_prompts == BUILT_IN_ANCHORS
     monkeypatch.setenv("RATCHET_ANCHOR_PROMPTS", str(path))
-    assert Settings.load(data_dir=tmp_path).cycle.anchor_prompts == GENERAL_PROMPTS + load_prompts(path)
+    assert Settings.load(data_dir=tmp_path).cycle.anchor_prompts == BUILT_IN_ANCHORS + ("Who played Desmond Doss?",)  # once
     path.write_text("\n")
     with pytest.raises(ValueError, match="no anchor prompts"):
         load_prompts(path)

@@ -22,7 +22,7 @@ from typing import Callable
 
 from memory import Correction, Memory
 from memory.db import atomic, now
-from trainer.anchors import GENERAL_PROMPTS, base_answers
+from trainer.anchors import BUILT_IN_ANCHORS, base_answers
 from trainer.dataset import TEMPLATES, Example, examples_for, memory_examples
 from trainer.gate import GateConfig, run_gate
 from trainer.lora import TrainingConfig, train_lora
@@ -40,7 +40,7 @@ class CycleConfig:
     anchors: bool = True  # replay the base model's answers to general prompts
     # The prompts replayed; RATCHET_ANCHOR_PROMPTS adds a file of them (prompts like the users'
     # own questions keep those answers in place best: reports/consolidation/).
-    anchor_prompts: tuple[str, ...] = GENERAL_PROMPTS
+    anchor_prompts: tuple[str, ...] = BUILT_IN_ANCHORS
     anchor_tokens: int = 16  # length of those replayed answers (shorter: cheaper steps)
     continue_from_active: bool = True  # start from the active adapter (else retrain from the base)
     # Earlier corrections replayed per new one, when continuing. 1.0 lost 14% of 115 earlier
