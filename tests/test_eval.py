@@ -1,6 +1,8 @@
 """The learning benchmark's harness, end to end at a small N, on the real model and engine."""
 
 import json
+import sys
+from unittest import mock
 
 import pytest
 from typer.testing import CliRunner
@@ -46,9 +48,6 @@ def test_frontier_counts_recipes_in_the_target_and_skips_cycle_results(tmp_path)
     pts = {p["name"]: p for p in points(tmp_path)}
     assert set(pts) == {"a", "b", "c"}
     assert pts["a"]["locality_token"] == 0.96 and pts["b"]["family"] == "LoRA, no replay"
-    import sys
-    from unittest import mock
-
     with mock.patch.object(sys, "argv", ["frontier", "--folder", str(tmp_path)]):
         main()
     assert "in the target (efficacy ≥ 0.95, token locality ≥ 0.95): 1." in (tmp_path / "frontier.md").read_text()
