@@ -65,9 +65,10 @@ GENERAL_PROMPTS = (
 )
 
 # Replayed too: everyday questions of the kind users ask a search engine (written for this project;
-# none is a zsRE or Natural Questions query, nor a probe). An adapter of 100 zsRE corrections
-# (replay-nq-quarter-w3's training) kept 0.782 of the tokens of zsRE's unrelated answers with the 48
-# prompts above alone, 0.892 with these as well (reports/consolidation/, 2026-12-01 (7)).
+# none is a question of the zsRE file, its NQ queries included, nor a probe). An adapter of 100
+# zsRE corrections (replay-nq-quarter-w3's training) kept 0.782 of the tokens of zsRE's unrelated
+# answers with the 48 prompts above alone, 0.892 with these as well (reports/consolidation/,
+# 2026-12-01 (7)).
 EVERYDAY_QUESTIONS = (
     "Who sang the original version of hallelujah?",
     "When did the first iphone come out?",
