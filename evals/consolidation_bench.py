@@ -187,12 +187,12 @@ def anchor_prompts(variant: dict, records: list[dict]) -> tuple[str, ...]:
     """The prompts a recipe replays: none; the 48 general prompts ("general"); those and the 150
     everyday questions ("general+everyday": a server's built-in anchors); or the 48 and NQ
     questions ("general+nq")."""
-    from trainer.anchors import EVERYDAY_QUESTIONS, GENERAL_PROMPTS
+    from trainer.anchors import BUILT_IN_ANCHORS, GENERAL_PROMPTS
 
     if variant["anchors"] == "none":
         return ()
     if variant["anchors"] == "general+everyday":
-        return GENERAL_PROMPTS + EVERYDAY_QUESTIONS
+        return BUILT_IN_ANCHORS
     nq = nq_anchor_prompts(records, variant.get("nq", 150)) if variant["anchors"] == "general+nq" else ()
     return GENERAL_PROMPTS + nq
 

@@ -14,8 +14,9 @@ ZSRE = Path(os.environ.get("RATCHET_ZSRE", ROOT.parent / "shared" / "data" / "zs
 CACHE = ROOT / "reports" / "tmp"
 
 
-def records() -> list[dict]:
-    return [json.loads(line) for line in ZSRE.open()]
+def records(path: Path | None = None) -> list[dict]:
+    with open(path or ZSRE) as f:
+        return [json.loads(line) for line in f]
 
 
 def nq_anchor_prompts(evaluated: list[dict], k: int = 150, path: Path | None = None,
@@ -25,10 +26,7 @@ def nq_anchor_prompts(evaluated: list[dict], k: int = 150, path: Path | None = N
     question of an evaluated record (the file repeats some), so locality is measured on questions
     never trained on."""
     held_out = {r["locality_question"] for r in evaluated}
-    if rows is None:
-        with open(path or ZSRE) as f:
-            rows = [json.loads(line) for line in f]
-    later = [r["locality_question"] for r in reversed(rows)]
+    later = [r["locality_question"] for r in reversed(records(path) if rows is None else rows)]
     return tuple(dict.fromkeys(q for q in later if q not in held_out))[:k]
 
 
