@@ -16,10 +16,10 @@ from typing import Annotated, Iterator, TypedDict
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
-from agent.prompt import with_memories
 from agent.protocol import ChatModel, Completion
 from memory import Memory
 from memory.store import RELEVANCE_THRESHOLD
+from memory.text import with_memories
 
 log = logging.getLogger("ratchet.agent")
 

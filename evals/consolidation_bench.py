@@ -204,7 +204,8 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     from memory import Correction
     from trainer.anchors import base_answers
     from trainer.dataset import TEMPLATES, examples_for
-    from trainer.evaluate import agreement, generate, is_correct
+    from memory.text import is_correct
+    from trainer.evaluate import agreement, generate
     from trainer.lora import train_lora
 
     v = VARIANTS[name]
@@ -252,11 +253,12 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agent.prompt import with_memories
+    from memory.text import with_memories
     from memory import Memory
     from memory.store import ADAPTER_SCOPE, LOCAL_USER
     from trainer.cycle import CycleConfig, Cycles
-    from trainer.evaluate import agreement, generate, is_correct
+    from memory.text import is_correct
+    from trainer.evaluate import agreement, generate
     from trainer.gate import GateConfig
     from trainer.registry import AdapterRegistry
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from evals.zsre_data import ROOT, embed_cached, records
 from memory.embed import Embedder
-from memory.failures import SAME_QUESTION_SCORE as CONTRADICTION_SCORE
-from memory.store import RELEVANCE_THRESHOLD, SAME_QUESTION_SCORE
+from memory.store import RELEVANCE_THRESHOLD
+from memory.text import SAME_QUESTION_SCORE
 
 N_STORED = 2000
 TOP = 3
@@ -102,8 +102,8 @@ def main() -> None:
     agreement = np.concatenate([(a["stored"] * b["stored"]).sum(1), (a["positives"] * b["positives"]).sum(1)])
     report["encoder_agreement"] = {"cosine_min": float(agreement.min()), "cosine_mean": float(agreement.mean())}
 
-    # what "the same question" means to newest-wins and merging (SAME_QUESTION_SCORE), and to the
-    # contradiction check (memory.failures.SAME_QUESTION_SCORE)
+    # what "the same question" means to newest-wins, merging and the contradiction check
+    # (memory.text.SAME_QUESTION_SCORE), and to the lower bar it once had for contradictions
     stored, positives = a["stored"], a["positives"]
     facts = [fact(r) for r in stored_recs]
     sims = stored @ stored.T
@@ -112,7 +112,7 @@ def main() -> None:
     pair = sims[iu]
     own = (positives * stored).sum(1)
     same_question = {}
-    for s in sorted({SAME_QUESTION_SCORE, CONTRADICTION_SCORE}):
+    for s in sorted({SAME_QUESTION_SCORE, 0.9}):
         close = pair >= s
         same_question[str(s)] = {
             "pairs_at_or_above": int(close.sum()),
@@ -165,8 +165,8 @@ def main() -> None:
         "## When are two questions the same?",
         "",
         "Pairs of stored questions at or above a similarity, and whether they are the same fact (same subject and "
-        "answer). Ratchet merges duplicates and applies newest-wins at "
-        f"{SAME_QUESTION_SCORE}, and checks answers for contradictions at {CONTRADICTION_SCORE}.",
+        "answer). Ratchet merges duplicates, applies newest-wins and checks answers for contradictions at "
+        f"{SAME_QUESTION_SCORE}.",
         "",
         "| similarity ≥ | pairs | same fact | different fact | paraphrase ≥ it vs its own question |",
         "|---:|---:|---:|---:|---:|",

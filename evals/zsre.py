@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evals.server import RatchetServer
 from evals.zsre_data import ZSRE, nq_anchor_prompts
-from trainer.evaluate import CORRECTNESS_RULE, is_correct
+from memory.text import CORRECTNESS_RULE, is_correct
 # No `user` field: on a server without keys the caller is the trusted local user, whose
 # corrections enter the shared adapter; on a keyed server the key names the user.
 MAX_TOKENS = 32

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
+from memory.text import disagrees
+
 KINDS = ("engine_error", "timeout", "abstention", "contradiction", "repeat")
 
-# A retrieved correction this close to the question is taken to be about the same question.
-SAME_QUESTION_SCORE = 0.9
 # Asking again within this many seconds, this close to the last question, is a repeat.
 REPEAT_WINDOW_SECONDS = 300
 REPEAT_SCORE = 0.9
@@ -32,19 +32,10 @@ def is_abstention(text: str | None) -> bool:
     return bool(_ABSTENTIONS.search(text[:400]))
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def contradicts(response: str | None, corrected_answer: str) -> bool:
-    """The response does not give the corrected answer (neither contains the other, ignoring
-    case and punctuation). An abstention is not a contradiction: it is its own kind."""
-    if is_abstention(response):
-        return False
-    got, want = _norm(response or ""), _norm(corrected_answer)
-    if not want:
-        return False
-    return want not in got and not (got and got in want)
+    """The response does not give the corrected answer (memory.text.disagrees). An abstention is
+    not a contradiction: it is its own kind."""
+    return not is_abstention(response) and disagrees(response or "", corrected_answer)
 
 
 def classify_engine_error(error: BaseException) -> str:

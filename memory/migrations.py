@@ -183,3 +183,12 @@ def m004_memory_confirmation(db: sqlite_utils.Database) -> None:
     """An admin may confirm a correction from an untrusted user, so it enters the shared adapter."""
     db["memories"].add_column("confirmed_at", str)
     db["memories"].add_column("confirmed_by", str)
+
+
+@migration
+def m005_question_keys_normalised(db: sqlite_utils.Database) -> None:
+    """Question keys in memory.text's one normal form (punctuation and NFKC folded too)."""
+    from memory.text import question_key
+
+    for row in list(db.query("select id, question from memories")):
+        db.execute("update memories set question_key = ? where id = ?", [question_key(row["question"] or ""), row["id"]])

@@ -28,6 +28,7 @@ from memory import failures as failure_rules
 from memory.db import atomic, now, open_db
 from memory.embed import Embedder
 from memory.index import APPROX_FROM, NPROBE, ScopedIndex, scope_name
+from memory.text import SAME_QUESTION_SCORE, normalise, question_key
 
 LOCAL_USER = "local"  # who asks when nobody is named (no API keys, no `user` field)
 # Cosine similarity a correction needs to be retrieved, calibrated by evals/memory_calibration.py on
@@ -43,9 +44,6 @@ RELEVANCE_THRESHOLD = 0.875
 # at 0.7, 0.08% of unrelated NQ questions reach any of 1,891 stored ones, and 6.9% of zsRE questions
 # about subjects not stored (same style, other facts).
 ADAPTER_SCOPE = 0.7
-# Two questions this similar are the same question: the newer correction wins, and a correction
-# with the same answer is merged into the older one (a duplicate).
-SAME_QUESTION_SCORE = 0.95
 MAX_PROMPT_CHARS = 2000  # questions + answers put into one prompt, at most (the first always goes)
 # Index files are written by a background thread, at most this often (and on close); SQLite is
 # the truth, so a stale file only means a little catching up on the next start.
@@ -282,7 +280,7 @@ class Memory:
     def _duplicate_of(self, question: str, answer: str, user: str | None, vector: np.ndarray) -> int | None:
         """The live memory of the same scope that this correction repeats: the newest correction of
         the same (or a near-identical) question, with the same answer."""
-        candidates = [row for row in self._rows_where("question_key = ? and user is ?", [_normal(question), user])]
+        candidates = [row for row in self._rows_where("question_key = ? and user is ?", [question_key(question), user])]
         if self.has_index:
             scores, ids = self.index.scope(user).search(vector[None, :], 4)
             near = [int(i) for i, s in zip(ids[0], scores[0]) if i >= 0 and s >= SAME_QUESTION_SCORE]
@@ -290,7 +288,7 @@ class Memory:
         if not candidates:
             return None
         newest = max(candidates, key=lambda r: (r["created_at"], r["id"]))
-        return newest["id"] if _normal(newest["answer"]) == _normal(answer) else None
+        return newest["id"] if normalise(newest["answer"]) == normalise(answer) else None
 
     def _insert_memory(self, question: str, answer: str, user: str | None, vector: np.ndarray,
                        duplicate: int | None, **extra: Any) -> int:
@@ -300,7 +298,7 @@ class Memory:
             return duplicate
         stamp = now()
         return self.db["memories"].insert(
-            {"kind": "correction", "user": user, "question": question, "question_key": _normal(question),
+            {"kind": "correction", "user": user, "question": question, "question_key": question_key(question),
              "answer": answer, "embedding": vector.astype(np.float32).tobytes(), "embedder": self.embedder.name,
              "created_at": stamp, "updated_at": stamp, "merged": 0, **extra}
         ).last_pk
@@ -416,7 +414,7 @@ class Memory:
         rows = list(self.db["memories"].rows_where(where, order_by="created_at, id"))
         newest: dict[str, dict] = {}
         for row in rows:
-            newest[row["question_key"] or _normal(row["question"])] = row
+            newest[row["question_key"] or question_key(row["question"])] = row
         return [_correction(r) for r in sorted(newest.values(), key=lambda r: r["id"])]
 
     def confirm(self, memory_id: int, by: str | None) -> Correction:
@@ -494,16 +492,16 @@ class Memory:
             found.append(self.record_failure("abstention", response_id, (response or "")[:500], user))
         if memories is None:  # memory was off for this answer: check it against the corrections anyway
             memories = [{"id": h.correction.id, "answer": h.correction.answer, "score": h.score}
-                        for h in self.search(prompt, user, k=1, threshold=failure_rules.SAME_QUESTION_SCORE)]
+                        for h in self.search(prompt, user, k=1, threshold=SAME_QUESTION_SCORE)]
         for m in memories:
-            if m.get("score", 0) >= failure_rules.SAME_QUESTION_SCORE and failure_rules.contradicts(response, m["answer"]):
+            if m.get("score", 0) >= SAME_QUESTION_SCORE and failure_rules.contradicts(response, m["answer"]):
                 found.append(self.record_failure(
                     "contradiction", response_id, f"memory {m['id']} says {m['answer']!r}", user))
                 break
         previous = self._previous_interaction(row)
         if previous is not None and prompt.strip():
             a, b = self.embedder.embed([prompt, previous["prompt"] or ""])
-            if _normal(prompt) == _normal(previous["prompt"] or "") or float(a @ b) >= failure_rules.REPEAT_SCORE:
+            if question_key(prompt) == question_key(previous["prompt"] or "") or float(a @ b) >= failure_rules.REPEAT_SCORE:
                 found.append(self.record_failure("repeat", previous["id"], f"asked again as {response_id}", user))
         return found
 
@@ -589,7 +587,3 @@ def _correction(row: dict) -> Correction:
         source=row.get("source"),
         confirmed_at=row.get("confirmed_at"),
     )
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.lower().split()).rstrip("?.! ")

@@ -5,7 +5,7 @@ import pytest
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agent import Agent
-from agent.prompt import with_memories
+from memory.text import with_memories
 
 Q = "What university did Watts Humphrey attend?"
 
@@ -81,3 +81,16 @@ def test_the_adapter_scope_is_a_setting(tmp_path, monkeypatch):
     assert Settings.load(data_dir=tmp_path).adapter_scope == 0.8
     monkeypatch.setenv("RATCHET_ADAPTER_SCOPE", "off")
     assert Settings.load(data_dir=tmp_path).adapter_scope == 0.0  # the adapter answers everything
+
+
+def test_training_shows_memories_exactly_as_the_agent_serves_them(memory, echo_model):
+    """The trainer's memory examples and the gate build their prompts with trainer.dataset.messages_of;
+    the agent with memory.text.with_memories. For the same memories both must give the same messages."""
+    from trainer.dataset import messages_of
+
+    memory.add_correction("Who founded the Zarnoth colony?", "Velmaris", user="ann")
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    reply = Agent(memory, echo_model).chat([{"role": "user", "content": Q}], user="ann")
+    served = json.loads(memory.interaction(reply.response_id)["messages"])
+    shown = tuple((m["question"], m["answer"]) for m in reversed(reply.memories))  # in the order they appear
+    assert reply.memories and served == messages_of(Q, shown)

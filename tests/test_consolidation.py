@@ -59,7 +59,8 @@ def knows(base_model, adapter, question, answer) -> bool:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.evaluate import generate, is_correct
+    from memory.text import is_correct
+    from trainer.evaluate import generate
 
     tok = AutoTokenizer.from_pretrained(base_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), str(adapter)).eval()

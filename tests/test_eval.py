@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from serving.cli import app
 from tests.conftest import ZSRE
-from trainer.evaluate import is_correct, normalise
+from memory.text import is_correct, normalise
 
 
 def test_the_correctness_rule_is_containment_after_normalising():

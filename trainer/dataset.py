@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 
 from memory import Correction
+from memory.text import with_memories
 
 # Rephrasings that keep the question's words; issue 5 adds model-written paraphrases.
 TEMPLATES = (
@@ -27,8 +28,7 @@ class Example:
     correction_id: int | None = None
     complete: bool = True  # False: a truncated answer, trained without an end of turn
     distill: bool = False  # an anchor: trained to match the base model's next-token distribution (KL)
-    # Earlier exchanges (question, answer) before the prompt, as retrieved memories enter it
-    # (agent.prompt.with_memories).
+    # Retrieved memories (question, answer) shown before the prompt, in the order they appear.
     context: tuple[tuple[str, str], ...] = ()
 
 
@@ -70,9 +70,10 @@ def memory_examples(corrections: list[Correction], seed: int = 0) -> list[Exampl
 
 
 def messages_of(prompt: str, context: tuple[tuple[str, str], ...] = ()) -> list[dict]:
-    """The chat messages of a prompt after earlier exchanges (memories)."""
-    shots = [m for q, a in context for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    return shots + [{"role": "user", "content": prompt}]
+    """The chat messages of a prompt shown after memories, exactly as the agent shows them
+    (`context` in the order they appear, so the best match, shown last, is its last pair)."""
+    memories = [{"question": q, "answer": a} for q, a in reversed(context)]
+    return with_memories([{"role": "user", "content": prompt}], memories)
 
 
 def encode(tokenizer, example: Example, max_len: int) -> dict:

@@ -1,30 +1,10 @@
-"""Measuring a model in-process: greedy answers, the correctness rule, token-level agreement.
+"""Measuring a model in-process: greedy answers and token-level agreement (the correctness
+rule is memory.text.is_correct).
 
 Used by the gate (candidate against the active version) and by the benchmarks.
 """
 
 from __future__ import annotations
-
-import re
-import unicodedata
-
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
-
-CORRECTNESS_RULE = (
-    "An answer is correct when the expected answer, normalised, occurs in the model's answer, normalised; "
-    "normalising = Unicode NFKC, lower case, every character that is neither a letter, a digit nor white "
-    "space removed, runs of white space folded to one space."
-)
-
-
-def normalise(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(_PUNCT.sub(" ", text).split())
-
-
-def is_correct(expected: str, answer: str) -> bool:
-    e = normalise(expected)
-    return bool(e) and f" {e} " in f" {normalise(answer)} "
 
 
 def chat_prompt(tokenizer, question: str | list[dict]) -> str:

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from memory import Correction
+from memory.text import is_correct, normalise
 from trainer.anchors import PROBE_PROMPTS
 from trainer.dataset import messages_of
-from trainer.evaluate import agreement, generate, is_correct, normalise
+from trainer.evaluate import agreement, generate
 
 # A rephrasing never used in training: the gate's stand-in for a user's paraphrase.
 HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
