@@ -41,8 +41,8 @@ def bundled_minilm_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("RATCHET_MODELS_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ratchet"
+    """Where the ONNX export is kept when the caller names no folder (a server passes its settings')."""
+    return Path.home() / ".cache" / "ratchet"
 
 
 def _onnx_available() -> bool:

@@ -21,11 +21,18 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "ratchet"
 
 
+def default_embedder_dir() -> Path:
+    """RATCHET_MODELS_DIR when set (one folder for every prepared model), else the user's cache."""
+    env = os.environ.get("RATCHET_MODELS_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ratchet"
+
+
 @dataclass
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     model: str = EMBEDDED  # "embedded", an HF model id, or a local folder
     models_dir: Path | None = None  # where the embedded model is prepared; default data_dir/models
+    embedder_dir: Path = field(default_factory=default_embedder_dir)  # where the query encoder's ONNX export is kept
     engine: str = "vllm"  # "vllm" | "transformers"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -67,7 +74,9 @@ class Settings:
         }
         every = overrides.pop("consolidate_every", None) or os.environ.get("RATCHET_CONSOLIDATE_EVERY")
         after = overrides.pop("consolidate_after", None) or _int(os.environ.get("RATCHET_CONSOLIDATE_AFTER"))
-        values = {k: v for k, v in {**env, **overrides}.items() if v is not None}
+        # An option left unset (None) keeps the variable's value; one that is set wins over it.
+        values = {k: v for k, v in env.items() if v is not None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
         if "vllm" not in values:
             values["vllm"] = VLLMOptions.from_env()
         if "cycle" not in values and os.environ.get("RATCHET_ANCHOR_PROMPTS"):
