@@ -18,7 +18,7 @@ from langgraph.graph import END, START, StateGraph
 
 from agent.protocol import ChatModel, Completion
 from memory import Memory
-from memory.store import RELEVANCE_THRESHOLD
+from memory import RELEVANCE_THRESHOLD
 from memory.text import with_memories
 
 log = logging.getLogger("ratchet.agent")
@@ -57,7 +57,7 @@ class Reply:
 def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
                 scope: float | None = None, checkpointer=None):
     """`scope`: when set, the adapter answers only questions at least this similar to a stored
-    correction (memory.store.ADAPTER_SCOPE); the base model answers the rest."""
+    correction (memory.ADAPTER_SCOPE); the base model answers the rest."""
 
     def retrieve(state: ChatState) -> dict:
         question = _last_user_message(state["messages"])
@@ -87,7 +87,7 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         started = time.perf_counter()
         options = dict(adapter=state.get("adapter"), max_tokens=state.get("max_tokens", 256),
                        temperature=state.get("temperature", 0.0))
-        if state.get("stream") and hasattr(model, "stream"):
+        if state.get("stream"):
             write = get_stream_writer()
             completion = None
             for item in model.stream(prompt, **options):  # text pieces, then the whole Completion
@@ -106,7 +106,7 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
     def record(state: ChatState) -> dict:
         response_id = state.get("response_id") or new_response_id()
         c = state["completion"]
-        memory.record_interaction(
+        memory.interactions.record(
             id=response_id,
             thread_id=state.get("thread_id"),
             user=state.get("user"),
@@ -124,7 +124,7 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         # Failures nobody reports: an abstention, an answer against an active correction, the
         # same question asked again. Recording them must never cost the user the answer.
         try:
-            memory.detect_failures(response_id, state.get("memories") if state.get("use_memory", True) else None)
+            memory.failures.detect(response_id, state.get("memories") if state.get("use_memory", True) else None)
         except Exception:
             log.exception("could not check %s for failures", response_id)
         return {"response_id": response_id}

@@ -26,8 +26,6 @@ class ChatModel(Protocol):
         """Answer `messages` (OpenAI chat format) with the base model, or with the named adapter."""
         ...
 
-
-class StreamingChatModel(ChatModel, Protocol):
     def stream(
         self,
         messages: list[dict],

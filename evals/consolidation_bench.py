@@ -255,7 +255,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
 
     from memory.text import with_memories
     from memory import Memory
-    from memory.store import ADAPTER_SCOPE, LOCAL_USER
+    from memory import ADAPTER_SCOPE, LOCAL_USER
     from trainer.cycle import CycleConfig, Cycles
     from memory.text import is_correct
     from trainer.evaluate import agreement, generate
@@ -377,7 +377,7 @@ def cycles_report(results: list[dict], n: int, cycles: int) -> str:
              "followed: N facts never trained on, each asked (as is and paraphrased) with its correction shown as a "
              "retrieved memory, as the agent shows them; in brackets the base model. The gate's memory followed: "
              "new corrections' questions shown a memory carrying another new correction's answer. Served: as the "
-             "agent answers with retrieval off, the adapter for questions within memory.store.ADAPTER_SCOPE of a "
+             "agent answers with retrieval off, the adapter for questions within memory.ADAPTER_SCOPE of a "
              "stored correction and the base model for the rest; in brackets the share of questions in scope.", "",
              "| recipe | cycle | cycle s | train s | gate s | steps | tok/s | peak MB | efficacy | paraphrase | "
              "retention | locality strict | locality token | memory followed (base) | gate: negative flips | "

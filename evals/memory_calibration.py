@@ -27,7 +27,7 @@ import numpy as np
 
 from evals.zsre_data import ROOT, embed_cached, records
 from memory.embed import Embedder
-from memory.store import RELEVANCE_THRESHOLD
+from memory import RELEVANCE_THRESHOLD
 from memory.text import SAME_QUESTION_SCORE
 
 N_STORED = 2000

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from serving.client import RatchetClient
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,6 +37,7 @@ class RatchetServer:
         self.log_path = self.data_dir / f"serve-{engine}.log"
         self.proc: subprocess.Popen | None = None
         self.left_running: list[str] = []
+        self._client: RatchetClient | None = None
 
     def __enter__(self) -> "RatchetServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -83,31 +86,18 @@ class RatchetServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    # -- the public API, as a client uses it ---------------------------------------------
-    def ask(self, question: str, timeout: float = 300, **extra) -> dict:
-        body = {"messages": [{"role": "user", "content": question}], "temperature": 0, **extra}
-        r = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=timeout)
-        r.raise_for_status()
-        return r.json()
+    # -- the public API, as a client uses it (serving.client) ---------------------------------
+    @property
+    def client(self) -> RatchetClient:
+        if self._client is None:
+            self._client = RatchetClient(self.url, timeout=900)
+        return self._client
+
+    def ask(self, question: str, **extra) -> dict:
+        return self.client.chat(question, temperature=0, **extra)
 
     def correct(self, response_id: str, correction: str, user: str | None = None) -> dict:
-        r = httpx.post(f"{self.url}/v1/feedback", json={"response_id": response_id, "rating": -1,
-                                                      "correction": correction, "user": user}, timeout=60)
-        r.raise_for_status()
-        return r.json()
+        return self.client.feedback(response_id, correction=correction, user=user)
 
     def consolidate(self, timeout: float = 3600, on_progress=None) -> dict:
-        cycle = httpx.post(f"{self.url}/v1/consolidations", timeout=60).json()
-        deadline = time.monotonic() + timeout
-        while cycle["status"] in ("queued", "running"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"consolidation {cycle['id']} still {cycle['status']}")
-            time.sleep(1)
-            cycle = httpx.get(f"{self.url}/v1/consolidations/{cycle['id']}", timeout=60).json()
-            if on_progress:
-                on_progress(cycle)
-        return cycle
-
-
-def answer_text(reply: dict) -> str:
-    return reply["choices"][0]["message"]["content"]
+        return self.client.consolidate(timeout=timeout, on_progress=on_progress)

@@ -315,7 +315,7 @@ def write_report(results: dict, output: Path) -> None:
         "Locality (strict): the share of unrelated questions whose greedy answer is identical to the base model's. "
         "Locality (token): the share of the base answer's tokens the model predicts as its top token when "
         "teacher-forced on the same question and answer. Strict locality is of the answers as served: the adapter "
-        "answers only questions within its scope (memory.store.ADAPTER_SCOPE) of a stored correction, so the "
+        "answers only questions within its scope (memory.ADAPTER_SCOPE) of a stored correction, so the "
         "unrelated ones mostly get the base model's; token locality is of the adapter itself, on every question.",
         "",
         "## After the last cycle, on all N records",

@@ -1,38 +1,13 @@
-"""Schema changes as an ordered list of small functions (the simonw/llm pattern).
+"""The memory's tables: interactions, feedback, memories, failures (declared in memory.db's list).
 
 A shipped migration is never edited; a change is a new function appended below.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Callable
-
 import sqlite_utils
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
-
-
-def migration(fn: Callable[[sqlite_utils.Database], None]):
-    MIGRATIONS.append(fn)
-    return fn
-
-
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply the missing migrations in order; returns the names applied now."""
-    db["_migrations"].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
-    done = {row["name"] for row in db["_migrations"].rows}
-    applied = []
-    for fn in MIGRATIONS:
-        if fn.__name__ in done:
-            continue
-        with db.atomic():
-            fn(db)
-            db["_migrations"].insert(
-                {"name": fn.__name__, "applied_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-            )
-        applied.append(fn.__name__)
-    return applied
+from memory.db import migration
 
 
 @migration
@@ -88,55 +63,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["memories"].create_index(["user"])
-    db["cycles"].create(
-        {
-            "id": int,
-            "status": str,  # queued | running | succeeded | rejected | failed
-            "trigger": str,
-            "created_at": str,
-            "started_at": str,
-            "finished_at": str,
-            "adapter_version": int,
-            "n_corrections": int,
-            "n_examples": int,
-            "progress": float,
-            "message": str,
-            "metrics": str,  # JSON
-        },
-        pk="id",
-    )
-    db["adapters"].create(
-        {
-            "version": int,
-            "name": str,  # the name engines serve it under, e.g. ratchet-v3
-            "path": str,
-            "parent": int,
-            "cycle_id": int,
-            "status": str,  # candidate | promoted | rejected
-            "active": int,
-            "created_at": str,
-            "metrics": str,  # JSON
-        },
-        pk="version",
-    )
-
-
-@migration
-def m002_api_keys(db: sqlite_utils.Database) -> None:
-    # API keys: only a sha256 of the token is kept; the token is shown once, when it is made.
-    db["api_keys"].create(
-        {
-            "id": int,
-            "hash": str,  # sha256 hex of the whole token
-            "prefix": str,  # the token's first characters, to tell keys apart in listings
-            "user": str,  # the user a chat/feedback key speaks for; admin keys may have one too
-            "role": str,  # "user" | "admin"
-            "created_at": str,
-            "revoked_at": str,
-        },
-        pk="id",
-    )
-    db["api_keys"].create_index(["hash"], unique=True)
+    # cycles and adapters were created here too until they moved to trainer/migrations.py.
 
 
 @migration

@@ -1,7 +1,8 @@
 """The HTTP API: OpenAI-compatible chat, plus feedback, memories, failures, consolidations and adapters.
 
-One router per resource; one place maps exceptions to OpenAI-shaped errors. Who calls is one
-dependency (`caller_user`), and admin-only operations go through another (`require_admin`).
+One router per resource; each route translates HTTP to one call of the application object
+(serving/service.py), which decides who may do what; one place maps exceptions to OpenAI-shaped
+errors. Who calls is one dependency (`authenticate`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from memory import Correction, NotAllowed, UnknownFailure, UnknownMemory
+from memory import LOCAL_USER, Correction, NotAllowed, UnknownFailure, UnknownMemory, UnknownResponse
 from memory.failures import KINDS as FAILURE_KINDS
-from memory.store import LOCAL_USER, UnknownResponse
-from serving.auth import OPEN, Caller, is_loopback
 from serving.engines import EngineError
-from serving.service import EngineUnavailable, NotServable, Ratchet, UnknownAdapter, UnknownModel
+from serving.service import (
+    Caller,
+    EngineUnavailable,
+    Forbidden,
+    NotServable,
+    Ratchet,
+    UnknownAdapter,
+    UnknownCycle,
+    UnknownModel,
+)
 
 log = logging.getLogger("ratchet.api")
 
@@ -86,53 +94,31 @@ class OpenAIError(Exception):
 
 # -- auth ----------------------------------------------------------------------------------
 def authenticate(r: Ratchet):
-    """The dependency that names the caller: open on loopback when no live key exists, else a
-    live Bearer key (a server on a public address never opens up, even with every key revoked)."""
+    """The dependency that names the caller. Keyless (no live key, loopback only): an admin acting
+    as the `user` query parameter, else the `user` field of a JSON body, else `local`. Otherwise a
+    live Bearer key, whose user is the user of everything it sends."""
 
-    def caller(request: Request) -> Caller:
-        if not r.keys.any_live() and is_loopback(r.settings.host):
-            return OPEN
+    async def caller(request: Request) -> Caller:
+        if r.open_to_loopback():
+            name = request.query_params.get("user")
+            if name is None and request.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    body = await request.json()
+                except ValueError:
+                    body = None
+                if isinstance(body, dict) and isinstance(body.get("user"), str):
+                    name = body["user"]
+            return Caller(user=name or LOCAL_USER, admin=True, named=name is not None)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise OpenAIError(401, "missing API key: send 'Authorization: Bearer rk-...'", "authentication_error",
                               "missing_api_key")
-        key = r.keys.verify(token.strip())
+        key = r.authenticate(token.strip())
         if key is None:
             raise OpenAIError(401, "invalid or revoked API key", "authentication_error", "invalid_api_key")
-        return Caller(user=key.user, role=key.role, key_id=key.id)
+        return Caller(user=key.user, admin=key.role == "admin", key_id=key.id)
 
     return caller
-
-
-def admin_only(caller):
-    """The dependency for admin routes: `caller`, and a 403 for a user key."""
-
-    def admin(who: Caller = Depends(caller)) -> Caller:
-        if not who.admin:
-            raise OpenAIError(403, "this route needs an admin key", "permission_error", "admin_required")
-        return who
-
-    return admin
-
-
-def caller_user(caller):
-    """The dependency for the user a request acts as: a key's user; with no keys configured, the
-    `user` query parameter, else the `user` field of a JSON body, else `local`."""
-
-    async def user(request: Request, who: Caller = Depends(caller)) -> str:
-        if who.user is not None:
-            return who.user
-        name = request.query_params.get("user")
-        if name is None and request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                body = await request.json()
-            except ValueError:
-                body = None
-            if isinstance(body, dict) and isinstance(body.get("user"), str):
-                name = body["user"]
-        return name or LOCAL_USER
-
-    return user
 
 
 def _memory(c: Correction, score: float | None = None) -> dict:
@@ -156,21 +142,17 @@ def chat_router(r: Ratchet, caller) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     def chat_completions(body: ChatRequest, who: Caller = Depends(caller)):
-        options = dict(
-            model=body.model,
-            user=who.user or body.user or LOCAL_USER,  # a key's user overrides the body's
-            use_memory=body.memory,
-            max_tokens=body.max_completion_tokens or body.max_tokens or r.settings.max_tokens,
-            temperature=body.temperature,
-            thread_id=body.thread_id,
-        )
+        options = dict(model=body.model, use_memory=body.memory, temperature=body.temperature,
+                       thread_id=body.thread_id)
+        if body.max_completion_tokens or body.max_tokens:
+            options["max_tokens"] = body.max_completion_tokens or body.max_tokens
         messages = [m.model_dump() for m in body.messages]
         if body.stream:
-            response_id, adapter, pieces = r.chat_stream(messages, **options)
+            response_id, adapter, pieces = r.chat_stream(who, messages, **options)
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(response_id, body.model, adapter, pieces, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        reply = r.chat(messages, **options)
+        reply = r.chat(who, messages, **options)
         return {
             "id": reply.response_id,
             "object": "chat.completion",
@@ -186,8 +168,9 @@ def chat_router(r: Ratchet, caller) -> APIRouter:
         }
 
     @router.get("/v1/models")
-    def models(_: Caller = Depends(caller)):
-        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "ratchet"} for m in r.models()]}
+    def models(who: Caller = Depends(caller)):
+        return {"object": "list",
+                "data": [{"id": m, "object": "model", "owned_by": "ratchet"} for m in r.models(who)]}
 
     return router
 
@@ -237,14 +220,7 @@ def feedback_router(r: Ratchet, caller) -> APIRouter:
 
     @router.post("/v1/feedback", status_code=201)
     def feedback(body: FeedbackRequest, who: Caller = Depends(caller)):
-        if who.user is not None:  # a key's user may only rate their own responses
-            interaction = r.memory.interaction(body.response_id)
-            if interaction is None or (interaction["user"] or LOCAL_USER) != who.user:
-                raise UnknownResponse(body.response_id)
-        feedback_id = r.feedback(
-            body.response_id, body.rating, comment=body.comment, correction=body.correction,
-            user=who.user or body.user,
-        )
+        feedback_id = r.feedback(who, body.response_id, body.rating, comment=body.comment, correction=body.correction)
         return {"id": feedback_id, "object": "feedback", "response_id": body.response_id}
 
     return router
@@ -252,138 +228,119 @@ def feedback_router(r: Ratchet, caller) -> APIRouter:
 
 def memories_router(r: Ratchet, caller) -> APIRouter:
     router = APIRouter(tags=["memories"])
-    caller_user_ = caller_user(caller)
-    require_admin = admin_only(caller)
 
     @router.get("/v1/memories")
-    def memories(user: str = Depends(caller_user_), query: str | None = None,
+    def memories(who: Caller = Depends(caller), query: str | None = None,
                  limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0),
                  threshold: float | None = Query(None, ge=-1.0, le=1.0)):
         """With `query`: the caller's visible memories nearest to it (newest-wins applied); without:
         the caller's visible memories, newest first."""
         if query:
-            hits = r.memory.search(query, user, k=limit, threshold=r.settings.memory_threshold if threshold is None
-                                   else threshold, max_chars=None)
+            hits = r.search_memories(who, query, limit=limit, threshold=threshold)
             return {"object": "list", "data": [_memory(h.correction, h.score) for h in hits]}
-        return {"object": "list", "data": [_memory(c) for c in r.memory.visible(user, limit=limit, offset=offset)]}
+        return {"object": "list", "data": [_memory(c) for c in r.list_memories(who, limit=limit, offset=offset)]}
 
     @router.post("/v1/memories", status_code=201)
-    def add_memory(body: MemoryRequest, user: str = Depends(caller_user_), who: Caller = Depends(caller)):
-        if body.shared and not who.admin:
-            raise OpenAIError(403, "a shared memory needs an admin key", "permission_error", "admin_required")
-        memory_id = r.memory.add_correction(body.question, body.answer, user=None if body.shared else user)
-        return _memory(r.memory.get(memory_id, user, admin=True))
+    def add_memory(body: MemoryRequest, who: Caller = Depends(caller)):
+        return _memory(r.add_correction(who, body.question, body.answer, shared=body.shared))
 
-    @router.post("/v1/memories/rebuild-index", dependencies=[Depends(require_admin)])
-    def rebuild_index():
-        started = time.perf_counter()
-        n = r.memory.rebuild_index()
-        return {"object": "memory.index", "memories": n, "scopes": len(r.memory.index.scopes()),
-                "seconds": round(time.perf_counter() - started, 3)}
+    @router.post("/v1/memories/rebuild-index")
+    def rebuild_index(who: Caller = Depends(caller)):
+        return {"object": "memory.index", **r.rebuild_index(who)}
 
     @router.get("/v1/memories/{memory_id}")
-    def memory(memory_id: int, user: str = Depends(caller_user_)):
-        return _memory(r.memory.get(memory_id, user))
+    def memory(memory_id: int, who: Caller = Depends(caller)):
+        return _memory(r.memory_of(who, memory_id))
 
-    @router.post("/v1/memories/{memory_id}/confirm", dependencies=[Depends(require_admin)])
+    @router.post("/v1/memories/{memory_id}/confirm")
     def confirm(memory_id: int, who: Caller = Depends(caller)):
         """An admin vouches for a correction: it may now enter the shared adapter."""
-        c = r.memory.confirm(memory_id, who.user)
+        c = r.confirm(who, memory_id)
         return {**_memory(c), "confirmed_at": c.confirmed_at, "trusted": r.trusted(c)}
 
     @router.delete("/v1/memories/{memory_id}")
-    def retract(memory_id: int, user: str = Depends(caller_user_), who: Caller = Depends(caller)):
+    def retract(memory_id: int, who: Caller = Depends(caller)):
         """Retract: by the user who gave it, or by an admin (the only way for a shared memory)."""
-        try:
-            c = r.memory.retract(memory_id, user)
-        except (UnknownMemory, NotAllowed):
-            if not who.admin:
-                raise
-            c = r.memory.retract(memory_id, user, admin=True)
-        return {**_memory(c), "deleted": True}
+        return {**_memory(r.retract(who, memory_id)), "deleted": True}
 
     return router
 
 
 def failures_router(r: Ratchet, caller) -> APIRouter:
-    router = APIRouter(tags=["failures"], dependencies=[Depends(admin_only(caller))])
+    router = APIRouter(tags=["failures"])
 
     @router.get("/v1/failures")
-    def failures(kind: Literal[FAILURE_KINDS] | None = None, user: str | None = None,  # type: ignore[valid-type]
-                 open: bool = False, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
-        rows = r.memory.failures(kind=kind, user=user, open_only=open, limit=limit, offset=offset)
+    def failures(who: Caller = Depends(caller), kind: Literal[FAILURE_KINDS] | None = None,  # type: ignore[valid-type]
+                 user: str | None = None, open: bool = False, limit: int = Query(50, ge=1, le=500),
+                 offset: int = Query(0, ge=0)):
+        rows = r.failures(who, kind=kind, user=user, open_only=open, limit=limit, offset=offset)
         return {"object": "list", "data": [_failure(f) for f in rows]}
 
     @router.get("/v1/failures/{failure_id}")
-    def failure(failure_id: int):
-        return _failure(r.memory.failure(failure_id))
+    def failure(failure_id: int, who: Caller = Depends(caller)):
+        return _failure(r.failure(who, failure_id))
 
     @router.post("/v1/failures/{failure_id}/lesson", status_code=201)
-    def lesson(failure_id: int, body: LessonRequest):
+    def lesson(failure_id: int, body: LessonRequest, who: Caller = Depends(caller)):
         """Turn the failure into a correction of its question with `answer`."""
-        memory_id = r.memory.lesson_from_failure(failure_id, body.answer, shared=body.shared)
-        return {"object": "lesson", "failure": _failure(r.memory.failure(failure_id)),
-                "memory": _memory(r.memory.get(memory_id, None, admin=True))}
+        failure, memory = r.lesson(who, failure_id, body.answer, shared=body.shared)
+        return {"object": "lesson", "failure": _failure(failure), "memory": _memory(memory)}
 
     return router
 
 
 def consolidations_router(r: Ratchet, caller) -> APIRouter:
-    router = APIRouter(tags=["consolidations"], dependencies=[Depends(admin_only(caller))])
+    router = APIRouter(tags=["consolidations"])
 
     @router.post("/v1/consolidations", status_code=202)
-    def consolidate():
-        cycle_id = r.cycles.submit(trigger="api")
-        return _cycle(r.cycles.get(cycle_id))
+    def consolidate(who: Caller = Depends(caller)):
+        return _cycle(r.consolidate(who))
 
     @router.get("/v1/consolidations")
-    def consolidations():
-        schedule = {"every": r.schedule.config.every, "after_corrections": r.schedule.config.after_corrections,
-                    "next_run": r.schedule.next_run()}
-        return {"object": "list", "schedule": schedule, "data": [_cycle(c) for c in r.cycles.list()]}
+    def consolidations(who: Caller = Depends(caller)):
+        schedule, cycles = r.consolidations(who)
+        return {"object": "list", "schedule": schedule, "data": [_cycle(c) for c in cycles]}
 
     @router.get("/v1/consolidations/{cycle_id}")
-    def consolidation(cycle_id: int):
-        try:
-            return _cycle(r.cycles.get(cycle_id))
-        except KeyError:
-            raise OpenAIError(404, f"no consolidation {cycle_id}", code="not_found")
+    def consolidation(cycle_id: int, who: Caller = Depends(caller)):
+        return _cycle(r.consolidation(who, cycle_id))
 
     return router
 
 
 def adapters_router(r: Ratchet, caller) -> APIRouter:
-    router = APIRouter(tags=["adapters"], dependencies=[Depends(admin_only(caller))])
+    router = APIRouter(tags=["adapters"])
 
     @router.get("/v1/adapters")
-    def adapters():
-        return {"object": "list", "active": r.active, "data": [_adapter(r, v) for v in r.registry.versions()]}
+    def adapters(who: Caller = Depends(caller)):
+        versions = r.adapters(who)
+        return {"object": "list", "active": r.active, "data": [_adapter(r, v) for v in versions]}
 
     @router.post("/v1/adapters/rollback")
-    def rollback():
-        target = r.rollback()
+    def rollback(who: Caller = Depends(caller)):
+        target = r.rollback(who)
         return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target) if target else None,
                 **r.last_switch}
 
     @router.post("/v1/adapters/{version}/activate")
-    def activate(version: str):
+    def activate(version: str, who: Caller = Depends(caller)):
         number = version.removeprefix("ratchet-v").removeprefix("v")
         if not number.isdigit():
             raise OpenAIError(404, f"no adapter {version!r}", code="adapter_not_found", param="version")
-        target = r.activate(int(number))
+        target = r.activate(who, int(number))
         return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target), **r.last_switch}
 
     return router
 
 
 def evaluations_router(r: Ratchet, caller) -> APIRouter:
-    router = APIRouter(tags=["evaluations"], dependencies=[Depends(caller)])
+    router = APIRouter(tags=["evaluations"])
 
     @router.post("/v1/agreement")
-    def agreement(body: AgreementRequest):
+    def agreement(body: AgreementRequest, who: Caller = Depends(caller)):
         """Token-level agreement: of `completion`'s tokens, how many `model` predicts as its top
         token when teacher-forced after `messages`."""
-        matched, total = r.agreement([m.model_dump() for m in body.messages], body.completion, model=body.model)
+        matched, total = r.agreement(who, [m.model_dump() for m in body.messages], body.completion, model=body.model)
         return {"object": "agreement", "model": body.model, "tokens": total, "matched": matched,
                 "agreement": matched / total if total else 1.0}
 
@@ -427,6 +384,10 @@ def _error_body(e: Exception) -> tuple[int, dict]:
                       param="model")
     if isinstance(e, UnknownAdapter):
         return shaped(404, f"no adapter version {e.args[0]}", code="adapter_not_found", param="version")
+    if isinstance(e, UnknownCycle):
+        return shaped(404, f"no consolidation {e.args[0]}", code="not_found")
+    if isinstance(e, Forbidden):
+        return shaped(403, str(e), "permission_error", "admin_required")
     if isinstance(e, NotServable):
         return shaped(409, str(e), code="adapter_not_servable")
     if isinstance(e, EngineUnavailable):
@@ -458,11 +419,7 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
 
     @app.get("/health")
     def health():
-        body = {"status": "ok" if r.ready else "restarting", "engine": r.engine.name, "active": r.active,
-                "restarts": r.restarts, "auth": r.keys.any_live()}
-        if hasattr(r.engine, "lanes"):
-            body["merged_lanes"] = r.engine.lanes
-        return JSONResponse(status_code=200 if r.ready else 503, content=body)
+        return JSONResponse(status_code=200 if r.ready else 503, content=r.health())
 
     def error(status: int, message: str, type: str, code=None, param=None) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": type, "param": param,
@@ -476,7 +433,7 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
             response.headers.update(headers)
         return response
 
-    for kind in (UnknownResponse, UnknownModel, UnknownAdapter, NotServable, EngineError):
+    for kind in (UnknownResponse, UnknownModel, UnknownAdapter, UnknownCycle, Forbidden, NotServable, EngineError):
         @app.exception_handler(kind)
         async def _known(_: Request, e: Exception):
             status, body = _error_body(e)

@@ -1,4 +1,5 @@
-"""API keys: `rk-<random>` tokens, kept as sha256 hashes, each bound to a user and a role.
+"""API keys: `rk-<random>` tokens, kept as sha256 hashes, each bound to a user and a role (the
+`api_keys` table, serving/migrations.py).
 
 With no live key the server is open (and listens on loopback only); once a key exists every
 /v1 route needs `Authorization: Bearer <token>`.
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from memory.db import atomic, now
+from memory.db import atomic, migrate, now
+from serving import migrations as _tables  # noqa: F401  (declares the api_keys table)
 
 ROLES = ("user", "admin")
 PREFIX = "rk-"
@@ -33,22 +35,6 @@ class ApiKey:
         return self.revoked_at is None
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request: `user` is None when no keys are configured (the body names the user)."""
-
-    user: str | None
-    role: str
-    key_id: int | None = None
-
-    @property
-    def admin(self) -> bool:
-        return self.role == "admin"
-
-
-OPEN = Caller(user=None, role="admin")  # no keys configured: loopback only, everything allowed
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -65,6 +51,7 @@ def digest(token: str) -> str:
 class ApiKeys:
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
+        migrate(db)
 
     def create(self, user: str, role: str = "user") -> tuple[ApiKey, str]:
         """A new key; returns it and its token (the only time the token is seen)."""

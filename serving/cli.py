@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 from typing import Optional
 
-import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from serving.client import DEFAULT_URL, ApiError, RatchetClient
+
 app = typer.Typer(help="Ratchet: an assistant that learns from every correction.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
-URL = typer.Option(os.environ.get("RATCHET_URL", "http://127.0.0.1:8000"), "--url", help="The Ratchet server.")
+URL = typer.Option(os.environ.get("RATCHET_URL", DEFAULT_URL), "--url", help="The Ratchet server.")
 DATA_DIR = typer.Option(None, "--data-dir", help="Ratchet's data directory (default: RATCHET_DATA_DIR or ~/.local/share/ratchet)")
 
 keys_app = typer.Typer(help="API keys: made, listed and revoked on the data directory directly.", no_args_is_help=True)
@@ -46,14 +48,15 @@ def serve(
 
     settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model,
                              consolidate_every=consolidate_every, consolidate_after=consolidate_after)
-    keyed = _keys(settings.data_dir).any_live()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    console.print(f"ratchet: data in {settings.data_dir}; starting the {settings.engine} engine ...")
+    started = time.monotonic()
+    with _offline(settings.data_dir) as (offline, _):
+        keyed = offline.keyed()
     if not keyed and not is_loopback(settings.host):
         console.print(f"[red]refusing to listen on {settings.host}: no API keys are configured, "
                       "so Ratchet serves loopback (127.0.0.1) only; make one with `ratchet keys create`[/red]")
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    console.print(f"ratchet: data in {settings.data_dir}; starting the {settings.engine} engine ...")
-    started = time.monotonic()
     try:
         ratchet = Ratchet(settings)
     except ValueError as e:
@@ -67,33 +70,31 @@ def serve(
     uvicorn.run(create_app(ratchet, stop_on_shutdown=True), host=settings.host, port=settings.port, log_level="info")
 
 
-def _keys(data_dir):
-    from memory.db import open_db
-    from serving.auth import ApiKeys
+@contextlib.contextmanager
+def _offline(data_dir):
+    """The application on the data directory alone (no engine, no server), as the local operator."""
+    from serving.service import LOCAL_ADMIN, Ratchet
     from serving.settings import Settings
 
-    settings = Settings.load(data_dir=data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return ApiKeys(open_db(settings.data_dir / "ratchet.db"))
-
-
-def _request(method: str, url: str, **kwargs) -> dict:
-    token = os.environ.get("RATCHET_API_KEY")
-    if token:
-        kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {token}"}
+    ratchet = Ratchet(Settings.load(data_dir=data_dir), offline=True)
     try:
-        r = httpx.request(method, url, timeout=600, **kwargs)
-    except httpx.HTTPError as e:
-        console.print(f"[red]cannot reach {url}: {e}[/red] (is `ratchet serve` running?)")
+        yield ratchet, LOCAL_ADMIN
+    finally:
+        ratchet.close()
+
+
+def _client(url: str) -> RatchetClient:
+    return RatchetClient(url)
+
+
+def _call(fn, *args, **kwargs):
+    """A client call; an error from the server (or none reached) is printed and ends the command."""
+    try:
+        return fn(*args, **kwargs)
+    except ApiError as e:
+        hint = " (is `ratchet serve` running?)" if e.status == 0 else ""
+        console.print(f"[red]{e}[/red]{hint}")
         raise typer.Exit(1)
-    if r.status_code >= 400:
-        try:
-            message = r.json()["error"]["message"]
-        except Exception:
-            message = r.text
-        console.print(f"[red]{r.status_code}: {message}[/red]")
-        raise typer.Exit(1)
-    return r.json()
 
 
 @app.command()
@@ -108,13 +109,10 @@ def chat(
     """Chat with the assistant; each answer shows the response id to give feedback on."""
     import uuid
 
+    client = _client(url)
+
     def ask(text: str, thread_id: Optional[str]) -> None:
-        body = {"model": model, "messages": [{"role": "user", "content": text}], "memory": memory}
-        if user:
-            body["user"] = user
-        if thread_id:
-            body["thread_id"] = thread_id
-        r = _request("POST", f"{url}/v1/chat/completions", json=body)
+        r = _call(client.chat, text, model=model, memory=memory, user=user, thread_id=thread_id)
         out.print(r["choices"][0]["message"]["content"])
         used = r.get("ratchet", {}).get("memories") or []
         console.print(f"[dim]{r['id']}" + (f" · {len(used)} correction(s) from memory" if used else "") + "[/dim]")
@@ -144,8 +142,7 @@ def feedback(
     url: str = URL,
 ):
     """Rate an answer, and correct it."""
-    body = {"response_id": response_id, "rating": 1 if good else -1, "comment": comment, "correction": correction}
-    r = _request("POST", f"{url}/v1/feedback", json=body)
+    r = _call(_client(url).feedback, response_id, rating=1 if good else -1, comment=comment, correction=correction)
     out.print(f"feedback {r['id']} recorded" + (" with a correction: it is used from now on" if correction else ""))
 
 
@@ -155,17 +152,19 @@ def consolidate(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the cycle to its end"),
 ):
     """Distil the corrections so far into a new adapter (a consolidation cycle)."""
-    c = _request("POST", f"{url}/v1/consolidations")
+    client = _client(url)
+    c = _call(client.consolidate, wait=False)
     out.print(f"consolidation {c['id']} {c['status']}")
     if not wait:
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("queued", total=1.0)
-        while c["status"] in ("queued", "running"):
-            time.sleep(0.5)
-            c = _request("GET", f"{url}/v1/consolidations/{c['id']}")
-            progress.update(task, completed=c["progress"] or 0.0, description=c["message"] or c["status"])
+        task = progress.add_task(c["status"], total=1.0)
+
+        def show(cycle: dict) -> None:
+            progress.update(task, completed=cycle["progress"] or 0.0, description=cycle["message"] or cycle["status"])
+
+        c = _call(client.follow, c, poll=0.5, on_progress=show)
     out.print(f"consolidation {c['id']} {c['status']}: {c['message']}")
     if c["status"] not in ("succeeded",):
         raise typer.Exit(1)
@@ -180,7 +179,7 @@ def adapters(ctx: typer.Context, url: str = URL):
     """List the adapter versions; the active one is marked."""
     if ctx.invoked_subcommand is not None:
         return
-    r = _request("GET", f"{url}/v1/adapters")
+    r = _call(_client(url).get, "/v1/adapters")
     table = Table("", "version", "status", "parent", "created", "train s", "loss")
     for v in r["data"]:
         m = v["metrics"]
@@ -192,14 +191,14 @@ def adapters(ctx: typer.Context, url: str = URL):
 @adapters_app.command("activate")
 def adapters_activate(version: str = typer.Argument(..., help="N, vN or ratchet-vN"), url: str = URL):
     """Serve VERSION as `ratchet` from now on (requests running on the old one finish first)."""
-    r = _request("POST", f"{url}/v1/adapters/{version}/activate")
+    r = _call(_client(url).post, f"/v1/adapters/{version}/activate")
     out.print(f"active: {r['active']}")
 
 
 @adapters_app.command("rollback")
 def adapters_rollback(url: str = URL):
     """Back to the promoted version before the active one, or to the base model."""
-    r = _request("POST", f"{url}/v1/adapters/rollback")
+    r = _call(_client(url).post, "/v1/adapters/rollback")
     out.print(f"active: {r['active'] or 'ratchet-base (no adapter)'}")
 
 
@@ -210,7 +209,12 @@ def keys_create(
     data_dir: Optional[Path] = DATA_DIR,
 ):
     """Make a key; its token is printed once and never stored (only its sha256 is)."""
-    key, token = _keys(data_dir).create(user, "admin" if admin else "user")
+    with _offline(data_dir) as (ratchet, operator):
+        try:
+            key, token = ratchet.create_key(operator, user, admin=admin)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(1)
     out.print(token)
     console.print(f"[dim]key {key.id} for {key.user} ({key.role}); keep the token: it is not shown again. "
                   f"A running server needs it from now on (and may then listen beyond loopback after a restart).[/dim]")
@@ -219,7 +223,8 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: Optional[Path] = DATA_DIR):
     """The keys (never their tokens)."""
-    keys = _keys(data_dir).list()
+    with _offline(data_dir) as (ratchet, operator):
+        keys = ratchet.list_keys(operator)
     table = Table("id", "token", "user", "role", "created", "revoked")
     for k in keys:
         table.add_row(str(k.id), k.prefix + "…", k.user, k.role, k.created_at[:19], (k.revoked_at or "")[:19])
@@ -231,7 +236,8 @@ def keys_revoke(key_id: int = typer.Argument(..., help="The key's id (see `ratch
                 data_dir: Optional[Path] = DATA_DIR):
     """Revoke a key: refused from the next request on."""
     try:
-        key = _keys(data_dir).revoke(key_id)
+        with _offline(data_dir) as (ratchet, operator):
+            key = ratchet.revoke_key(operator, key_id)
     except KeyError as e:
         console.print(f"[red]{e.args[0]}[/red]")
         raise typer.Exit(1)
@@ -285,7 +291,7 @@ def memory_search(
     """The memories a user may see that are nearest to QUERY (newest correction of a question wins)."""
     params = {"query": query, "limit": limit, **({"user": user} if user else {}),
               **({"threshold": threshold} if threshold is not None else {})}
-    r = _request("GET", f"{url}/v1/memories", params=params)
+    r = _call(_client(url).get, "/v1/memories", **params)
     table = Table("id", "score", "scope", "question", "answer")
     for m in r["data"]:
         table.add_row(str(m["id"]), f"{m['score']:.3f}", "shared" if m["shared"] else m["user"], m["question"], m["answer"])
@@ -299,14 +305,14 @@ def memory_retract(
     url: str = URL,
 ):
     """Take a correction out of retrieval at once; the next consolidation takes it out of the weights."""
-    r = _request("DELETE", f"{url}/v1/memories/{memory_id}", params={"user": user} if user else {})
+    r = _call(_client(url).delete, f"/v1/memories/{memory_id}", user=user)
     out.print(f"memory {r['id']} retracted ({r['question']!r} → {r['answer']!r})")
 
 
 @memory_app.command("confirm")
 def memory_confirm(memory_id: int = typer.Argument(..., help="The memory's id"), url: str = URL):
     """Admin: vouch for a correction from an untrusted user, so the next cycle may learn it."""
-    r = _request("POST", f"{url}/v1/memories/{memory_id}/confirm")
+    r = _call(_client(url).post, f"/v1/memories/{memory_id}/confirm")
     out.print(f"memory {r['id']} confirmed ({r['question']!r} → {r['answer']!r})")
 
 
@@ -320,7 +326,7 @@ def memory_failures(
 ):
     """Failures that came without feedback, newest first."""
     params = {"limit": limit, "open": open_only, **({"kind": kind} if kind else {}), **({"user": user} if user else {})}
-    r = _request("GET", f"{url}/v1/failures", params=params)
+    r = _call(_client(url).get, "/v1/failures", **params)
     table = Table("id", "kind", "user", "question", "answer", "detail", "lesson")
     for f in r["data"]:
         table.add_row(str(f["id"]), f["kind"], f["user"] or "", (f["prompt"] or "")[:60], (f["response"] or "")[:40],
@@ -336,7 +342,7 @@ def memory_lesson(
     url: str = URL,
 ):
     """Turn a failure into a lesson: a correction of its question, used from now on."""
-    r = _request("POST", f"{url}/v1/failures/{failure_id}/lesson", json={"answer": answer, "shared": shared})
+    r = _call(_client(url).post, f"/v1/failures/{failure_id}/lesson", {"answer": answer, "shared": shared})
     out.print(f"memory {r['memory']['id']} made from failure {failure_id}: {r['memory']['question']!r} → {answer!r}")
 
 
@@ -347,17 +353,12 @@ def memory_rebuild_index(
 ):
     """Rebuild the FAISS indexes from SQLite: through the server, or offline with --data-dir."""
     if data_dir is None:
-        r = _request("POST", f"{url}/v1/memories/rebuild-index")
+        r = _call(_client(url).post, "/v1/memories/rebuild-index")
         out.print(f"index rebuilt: {r['memories']} memories in {r['scopes']} scope(s), {r['seconds']} s")
         return
-    from memory import Memory
-
-    started = time.monotonic()
-    m = Memory(data_dir, open_index=False)
-    n = m.rebuild_index()
-    scopes = len(m.index.scopes())
-    m.close()
-    out.print(f"index rebuilt: {n} memories in {scopes} scope(s), {time.monotonic() - started:.1f} s")
+    with _offline(data_dir) as (ratchet, operator):
+        r = ratchet.rebuild_index(operator)
+    out.print(f"index rebuilt: {r['memories']} memories in {r['scopes']} scope(s), {r['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Ratchet composed: memory, agent, engine, registry and cycles, from one Settings.
+"""Ratchet, the application: the one door every interface calls.
+
+Each use case is one method taking the `Caller`; who may do what is decided here and nowhere
+else. The HTTP API (serving/api.py), the CLI (serving/cli.py), the console and the benchmarks
+only translate to and from these calls. `Ratchet(settings)` opens the data directory (storage
+only: keys, memories, failures, adapters' records); `start()` adds the engine, the agent and the
+consolidation worker.
 
 Adapters go live without a failed request: a new version is loaded under its own name, the
 active pointer is switched under a lock, requests already running on the old version finish
@@ -14,15 +20,15 @@ import logging
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from agent import Agent, Reply
 from agent.graph import new_response_id
-from memory import Memory
-from serving.auth import ApiKeys
+from memory import LOCAL_USER, Correction, Hit, Memory, UnknownResponse
+from serving.auth import ApiKey, ApiKeys, is_loopback
 from serving.engines import Engine, EngineError, make_engine
-from serving.engines.vllm import BASE_NAME
 from serving.settings import Settings
 from trainer.base_model import resolve_model
 from trainer.cycle import Cycles
@@ -32,7 +38,25 @@ from trainer.schedule import Schedule
 log = logging.getLogger("ratchet")
 
 ACTIVE_NAME = "ratchet"  # the model name that means "the active adapter"
+BASE_NAME = "ratchet-base"  # the model name that means "no adapter"
 SERVABLE = ("promoted", "candidate")  # statuses an admin may activate; a rejected version never is
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the user everything is done as, whether they may administer, and how they came."""
+
+    user: str
+    admin: bool = False
+    key_id: int | None = None  # the API key the request carried; None: keyless (loopback) or in-process
+    named: bool = True  # False: nobody was named and `user` is the default (feedback then goes to the answer's user)
+
+
+LOCAL_ADMIN = Caller(LOCAL_USER, admin=True, named=False)  # the operator at this machine (keyless mode, the CLI)
+
+
+class Forbidden(PermissionError):
+    """The caller may not do this (an admin's use case, or another user's thing)."""
 
 
 class UnknownModel(LookupError):
@@ -40,6 +64,10 @@ class UnknownModel(LookupError):
 
 
 class UnknownAdapter(LookupError):
+    pass
+
+
+class UnknownCycle(LookupError):
     pass
 
 
@@ -52,47 +80,58 @@ class EngineUnavailable(EngineError):
 
 
 class Ratchet:
-    def __init__(self, settings: Settings, engine: Engine | None = None):
-        from langgraph.checkpoint.sqlite import SqliteSaver
-
+    def __init__(self, settings: Settings, engine: Engine | None = None, *, offline: bool = False):
+        """`offline`: the database only (no index loaded, never started): what the CLI needs to
+        manage keys or rebuild the index while no server runs."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.model_path = resolve_model(settings.model, settings.models_dir)
-        self.memory = Memory(settings.data_dir)
+        self.memory = Memory(settings.data_dir, open_index=not offline, embedder_dir=settings.embedder_dir)
         self.registry = AdapterRegistry(self.memory.db, settings.data_dir / "adapters")
         self.keys = ApiKeys(self.memory.db)
-        self.engine = engine or make_engine(settings.engine, self.model_path, settings)
-        self._threads_db = sqlite3.connect(str(settings.data_dir / "threads.db"), check_same_thread=False)
-        checkpointer = SqliteSaver(self._threads_db)
-        checkpointer.setup()
-        self.agent = Agent(
-            self.memory, self.engine, k=settings.memory_k, threshold=settings.memory_threshold,
-            scope=settings.adapter_scope or None, checkpointer=checkpointer,
-        )
-        self.cycles = Cycles(
-            self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir, on_promote=self.promote,
-            admits=self.trusted,
-        )
-        self.schedule = Schedule(self.cycles, settings.schedule)
+        self.offline = offline
+        self.engine = engine
+        self.model_path: str | None = None
+        self.agent: Agent | None = None
+        self.cycles: Cycles | None = None
+        self.schedule: Schedule | None = None
+        self._threads_db: sqlite3.Connection | None = None
         self._tokenizer = None
         self._swap = threading.RLock()  # one adapter change (load, switch, drain, unload) at a time
         self._inflight: collections.Counter = collections.Counter()  # running requests per adapter (None: base)
-        self._changed = threading.Condition()  # guards `active` and `_inflight`
+        self._changed = threading.Condition()  # guards the active version's switch and `_inflight`
         self._stopped = threading.Event()
         self._ready = threading.Event()  # the engine answers; cleared while it restarts
         self._monitor: threading.Thread | None = None
         self.restarts = 0
         self.last_switch: dict = {}
-        active = self.registry.active()
-        self.active: str | None = active.name if active else None
+        if not offline:
+            self._compose()
+
+    def _compose(self) -> None:
+        """The parts a server needs beyond storage: the model, the engine, the agent, cycles, schedule."""
+        from langgraph.checkpoint.sqlite import SqliteSaver
+
+        settings = self.settings
+        self.model_path = resolve_model(settings.model, settings.models_dir)
+        self.engine = self.engine or make_engine(settings.engine, self.model_path, settings)
+        self._threads_db = sqlite3.connect(str(settings.data_dir / "threads.db"), check_same_thread=False)
+        checkpointer = SqliteSaver(self._threads_db)
+        checkpointer.setup()
+        self.agent = Agent(self.memory, self.engine, k=settings.memory_k, threshold=settings.memory_threshold,
+                           scope=settings.adapter_scope or None, checkpointer=checkpointer)
+        self.cycles = Cycles(self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir,
+                             on_promote=self._switch, admits=self.trusted)
+        self.schedule = Schedule(self.cycles, settings.schedule)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        if self.offline:
+            raise RuntimeError("an offline Ratchet opens the database only; it cannot serve")
         self.engine.start()
         active = self.registry.active()
         if active is not None:
             self.engine.load_adapter(active.name, active.path)
-        self._follow(active)
+        self.engine.follow(active.name if active else None, active.path if active else None)
         self._ready.set()
         if self.settings.monitor_interval > 0:
             # Also the thread that restarts the engine: it lives as long as the server, as the
@@ -105,25 +144,33 @@ class Ratchet:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.schedule.stop()
-        self._ready.clear()
-        self.engine.stop()  # first: a restart under way in the monitor then fails at once
-        if self._monitor is not None:
-            self._monitor.join(timeout=60)
-        self.engine.stop()
+        if not self.offline:
+            self.schedule.stop()
+            self._ready.clear()
+            self.engine.stop()  # first: a restart under way in the monitor then fails at once
+            if self._monitor is not None:
+                self._monitor.join(timeout=60)
+            self.engine.stop()
+            self._threads_db.close()
         self.memory.close()
-        self._threads_db.close()
+
+    close = stop
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def health(self) -> dict:
+        """What /health tells: ready or restarting, the engine, the active version, restarts."""
+        active = self.registry.active()
+        return {"status": "ok" if self.ready else "restarting", "engine": self.engine.name,
+                "active": active.name if active else None, "restarts": self.restarts, "auth": self.keys.any_live(),
+                **self.engine.status()}
+
     def _watch(self) -> None:
         while not self._stopped.wait(self.settings.monitor_interval):
-            alive = getattr(self.engine, "alive", None)
-            if alive is None or alive():
-                continue
-            self.restart_engine()
+            if not self.engine.alive():
+                self.restart_engine()
 
     def restart_engine(self) -> None:
         """The engine died: start it again with the adapters it had; 503s meanwhile."""
@@ -142,8 +189,27 @@ class Ratchet:
             self._ready.set()
             log.info("the %s engine is back (restart %d)", self.engine.name, self.restarts)
 
+    # -- who may ---------------------------------------------------------------------------
+    @staticmethod
+    def _admin(caller: Caller, what: str) -> None:
+        if not caller.admin:
+            raise Forbidden(f"{what} needs an admin key")
+
+    def trusted(self, c: Correction) -> bool:
+        """May this correction enter the shared adapter? Shared or admin-confirmed ones, and those
+        of trusted users and of admin-key users."""
+        if c.user is None or c.confirmed_at or c.user in self.settings.trusted_users:
+            return True
+        return any(k.live and k.role == "admin" and k.user == c.user for k in self.keys.list())
+
     # -- models --------------------------------------------------------------------------
-    def models(self) -> list[str]:
+    @property
+    def active(self) -> str | None:
+        """The engine name of the version served as `ratchet` (None: the base model)."""
+        version = self.registry.active()
+        return version.name if version else None
+
+    def models(self, caller: Caller) -> list[str]:
         return [ACTIVE_NAME, BASE_NAME, *[v.name for v in self.registry.versions() if v.status == "promoted"]]
 
     def adapter_for(self, model: str | None) -> str | None:
@@ -188,44 +254,32 @@ class Ratchet:
             return {k: v for k, v in self._inflight.items() if v}
 
     # -- chat ----------------------------------------------------------------------------
-    def chat(self, messages: list[dict], *, model: str | None = None, **kwargs) -> Reply:
-        kwargs.setdefault("max_tokens", self.settings.max_tokens)
+    def chat(self, caller: Caller, messages: list[dict], *, model: str | None = None, **options) -> Reply:
+        """Answer `messages` as `caller.user` (options: use_memory, max_tokens, temperature, thread_id)."""
+        options = {"max_tokens": self.settings.max_tokens, **options, "user": caller.user}
         with self._holding(model) as adapter:
             started = time.perf_counter()
             try:
-                return self.agent.chat(messages, adapter=adapter, model_name=model or ACTIVE_NAME, **kwargs)
+                return self.agent.chat(messages, adapter=adapter, model_name=model or ACTIVE_NAME, **options)
             except (EngineError, TimeoutError) as e:
-                self._record_engine_failure(e, messages, model, adapter, kwargs,
+                self._record_engine_failure(e, messages, model, adapter, options,
                                             (time.perf_counter() - started) * 1000)
                 raise
 
-    def chat_stream(self, messages: list[dict], *, model: str | None = None, **kwargs) -> tuple[str, str | None, Iterator]:
+    def chat_stream(self, caller: Caller, messages: list[dict], *, model: str | None = None,
+                    **options) -> tuple[str, str | None, Iterator]:
         """(response id, adapter, pieces): the pieces are text, then the Reply. Errors about the
         request itself (unknown model, engine restarting) are raised here, before any piece."""
-        kwargs.setdefault("max_tokens", self.settings.max_tokens)
+        options = {"max_tokens": self.settings.max_tokens, **options, "user": caller.user}
         response_id = new_response_id()
         holding = self._holding(model)
         adapter = holding.__enter__()
         pieces = self.agent.stream(messages, adapter=adapter, model_name=model or ACTIVE_NAME,
-                                   response_id=response_id, **kwargs)
+                                   response_id=response_id, **options)
         return response_id, adapter, _Held(pieces, lambda: holding.__exit__(None, None, None))
 
-    def trusted(self, c) -> bool:
-        """May this correction enter the shared adapter? Shared or admin-confirmed ones, and those
-        of trusted users and of admin-key users."""
-        if c.user is None or c.confirmed_at or c.user in self.settings.trusted_users:
-            return True
-        return any(k.live and k.role == "admin" and k.user == c.user for k in self.keys.list())
-
-    def feedback(self, response_id: str, rating: int, *, comment=None, correction=None, user=None) -> int:
-        """Record feedback (committed when this returns); a correction may trigger a cycle."""
-        feedback_id = self.memory.record_feedback(response_id, rating, comment=comment, correction=correction,
-                                                  user=user)
-        if correction:
-            self.schedule.on_correction()
-        return feedback_id
-
-    def agreement(self, messages: list[dict], completion: str, *, model: str | None = None) -> tuple[int, int]:
+    def agreement(self, caller: Caller, messages: list[dict], completion: str, *,
+                  model: str | None = None) -> tuple[int, int]:
         """(matched, total): how many of `completion`'s tokens the model predicts as its top
         token when teacher-forced after `messages` (token-level locality, as editing benchmarks
         compute it)."""
@@ -240,23 +294,128 @@ class Ratchet:
             return 0, 0
         return self.engine.agreement(prompt_ids, answer_ids, adapter=self.adapter_for(model)), len(answer_ids)
 
-    def _record_engine_failure(self, error, messages, model, adapter, kwargs, latency_ms) -> None:
+    def _record_engine_failure(self, error, messages, model, adapter, options, latency_ms) -> None:
         """An answer that never came is a failure too (engine_error or timeout), listed with the rest."""
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         try:
-            self.memory.record_engine_failure(error, prompt=prompt, user=kwargs.get("user"), model=model or ACTIVE_NAME,
-                                              adapter=adapter, thread_id=kwargs.get("thread_id"), messages=messages,
-                                              latency_ms=latency_ms)
+            self.memory.failures.record_engine_error(
+                new_response_id(), error, prompt=prompt, user=options.get("user"), model=model or ACTIVE_NAME,
+                adapter=adapter, thread_id=options.get("thread_id"), messages=messages, latency_ms=latency_ms)
         except Exception:
             log.exception("could not record the engine failure")
 
-    # -- adapters ------------------------------------------------------------------------
-    def promote(self, adapter: AdapterVersion) -> None:
-        """Load `adapter` into the engine, then make it the active one (the switch is atomic)."""
-        self._switch(adapter)
+    # -- feedback and memories -------------------------------------------------------------
+    def feedback(self, caller: Caller, response_id: str, rating: int, *, comment: str | None = None,
+                 correction: str | None = None) -> int:
+        """Record feedback on an answer (committed when this returns); a correction becomes a
+        memory at once and may trigger a cycle. A key's user may rate only their own answers."""
+        if caller.key_id is not None:
+            interaction = self.memory.interactions.get(response_id)
+            if interaction is None or (interaction["user"] or LOCAL_USER) != caller.user:
+                raise UnknownResponse(response_id)
+        feedback_id = self.memory.record_feedback(response_id, rating, comment=comment, correction=correction,
+                                                  user=caller.user if caller.named else None)
+        if correction and correction.strip():
+            self._corrected()
+        return feedback_id
 
-    def activate(self, version: int) -> AdapterVersion:
+    def add_correction(self, caller: Caller, question: str, answer: str, *, shared: bool = False) -> Correction:
+        """A correction given directly, for the caller (or, by an admin, shared with everyone)."""
+        if shared:
+            self._admin(caller, "a shared memory")
+        memory_id = self.memory.add_correction(question, answer, user=None if shared else caller.user)
+        self._corrected()
+        return self.memory.corrections.get(memory_id, None, admin=True)
+
+    def _corrected(self) -> None:
+        """A correction arrived (by any door): a cycle may be due (--consolidate-after)."""
+        if self.schedule is not None:
+            self.schedule.on_correction()
+
+    def memory_of(self, caller: Caller, memory_id: int) -> Correction:
+        """One memory the caller may see: theirs or a shared one."""
+        return self.memory.corrections.get(memory_id, caller.user)
+
+    def search_memories(self, caller: Caller, query: str, *, limit: int = 20,
+                        threshold: float | None = None) -> list[Hit]:
+        """The memories the caller may see nearest to `query`, the newest correction of a question winning."""
+        return self.memory.search(query, caller.user, k=limit, max_chars=None,
+                                  threshold=self.settings.memory_threshold if threshold is None else threshold)
+
+    def list_memories(self, caller: Caller, *, limit: int = 20, offset: int = 0) -> list[Correction]:
+        """The caller's visible memories, newest first."""
+        return self.memory.corrections.visible(caller.user, limit=limit, offset=offset)
+
+    def retract(self, caller: Caller, memory_id: int) -> Correction:
+        """Out of retrieval at once, out of the weights at the next cycle: by the user who gave it,
+        or by an admin (the only way for a shared memory)."""
+        try:
+            return self.memory.corrections.retract(memory_id, caller.user)
+        except (LookupError, PermissionError):
+            if not caller.admin:
+                raise
+            return self.memory.corrections.retract(memory_id, caller.user, admin=True)
+
+    def confirm(self, caller: Caller, memory_id: int) -> Correction:
+        """An admin vouches for a correction from an untrusted user: the next cycle may learn it."""
+        self._admin(caller, "confirming a memory")
+        return self.memory.corrections.confirm(memory_id, caller.user if caller.named else None)
+
+    def rebuild_index(self, caller: Caller) -> dict:
+        """Throw the FAISS indexes away and build them again from SQLite."""
+        self._admin(caller, "rebuilding the index")
+        started = time.perf_counter()
+        n = self.memory.sync.rebuild()
+        return {"memories": n, "scopes": len(self.memory.index.scopes()),
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    # -- failures ----------------------------------------------------------------------------
+    def failures(self, caller: Caller, *, kind: str | None = None, user: str | None = None, open_only: bool = False,
+                 limit: int = 50, offset: int = 0) -> list[dict]:
+        """Failures that came without feedback, newest first, with the question and answer."""
+        self._admin(caller, "the failures")
+        return self.memory.failures.list(kind=kind, user=user, open_only=open_only, limit=limit, offset=offset)
+
+    def failure(self, caller: Caller, failure_id: int) -> dict:
+        self._admin(caller, "the failures")
+        return self.memory.failures.get(failure_id)
+
+    def lesson(self, caller: Caller, failure_id: int, answer: str, *, shared: bool = False) -> tuple[dict, Correction]:
+        """Turn a failure into a correction of its question (for the user who asked, or everyone)."""
+        self._admin(caller, "a lesson from a failure")
+        memory_id = self.memory.failures.lesson(failure_id, answer, shared=shared)
+        self._corrected()
+        return self.memory.failures.get(failure_id), self.memory.corrections.get(memory_id, None, admin=True)
+
+    # -- consolidation -------------------------------------------------------------------------
+    def consolidate(self, caller: Caller, trigger: str = "api") -> dict:
+        """Queue a consolidation cycle; returns it at once."""
+        self._admin(caller, "a consolidation")
+        return self.cycles.get(self.cycles.submit(trigger=trigger))
+
+    def consolidations(self, caller: Caller) -> tuple[dict, list[dict]]:
+        """(the schedule with its next run, every cycle newest first)."""
+        self._admin(caller, "the consolidations")
+        config = self.schedule.config
+        schedule = {"every": config.every, "after_corrections": config.after_corrections,
+                    "next_run": self.schedule.next_run()}
+        return schedule, self.cycles.list()
+
+    def consolidation(self, caller: Caller, cycle_id: int) -> dict:
+        self._admin(caller, "the consolidations")
+        try:
+            return self.cycles.get(cycle_id)
+        except KeyError:
+            raise UnknownCycle(cycle_id) from None
+
+    # -- adapters ------------------------------------------------------------------------
+    def adapters(self, caller: Caller) -> list[AdapterVersion]:
+        self._admin(caller, "the adapters")
+        return self.registry.versions()
+
+    def activate(self, caller: Caller, version: int) -> AdapterVersion:
         """Serve `version` as `ratchet`: any earlier promoted (or candidate) version still on disk."""
+        self._admin(caller, "activating an adapter")
         try:
             adapter = self.registry.get(version)
         except KeyError:
@@ -268,31 +427,32 @@ class Ratchet:
         self._switch(adapter)
         return self.registry.get(version)
 
-    def rollback(self) -> AdapterVersion | None:
+    def rollback(self, caller: Caller) -> AdapterVersion | None:
         """Back to the promoted version before the active one, or to the base model; returns it."""
+        self._admin(caller, "a rollback")
         with self._swap:
             current = self.registry.active()
-            earlier = [v for v in self.registry.versions() if v.status == "promoted"
-                       and (current is None or v.version < current.version)
-                       and (Path(v.path) / "adapter_config.json").exists()]
             if current is None:
                 raise NotServable("the base model is already active; there is nothing to roll back to")
+            earlier = [v for v in self.registry.versions() if v.status == "promoted" and v.version < current.version
+                       and (Path(v.path) / "adapter_config.json").exists()]
             target = earlier[-1] if earlier else None
             self._switch(target)
             return self.registry.get(target.version) if target else None
 
     def _switch(self, adapter: AdapterVersion | None) -> dict:
-        """Returns how long it took: to load the new version, to switch, to drain and unload old ones."""
+        """Make `adapter` the active version (None: the base model); returns how long it took to
+        load and switch, and to drain and unload old versions."""
         started = time.perf_counter()
         with self._swap:
             if adapter is not None:
                 self.engine.load_adapter(adapter.name, adapter.path)  # under its own name, beside the old
             with self._changed:  # the switch: new requests get the new version from here on
-                previous, self.active = self.active, adapter.name if adapter else None
+                previous = self.active
                 self.registry.activate(adapter.version if adapter else None)
                 self._changed.notify_all()
             switched = time.perf_counter()
-            self._follow(adapter)
+            self.engine.follow(adapter.name if adapter else None, adapter.path if adapter else None)
             # Keep the previous version loaded for a quick rollback; unload older ones once the
             # requests still running on them are done.
             keep = {self.active, previous}
@@ -303,12 +463,6 @@ class Ratchet:
                             "drained_in_s": round(time.perf_counter() - switched, 3)}
         log.info("active adapter: %s (was %s) %s", self.active or BASE_NAME, previous or BASE_NAME, self.last_switch)
         return self.last_switch
-
-    def _follow(self, adapter: AdapterVersion | None) -> None:
-        """Tell an engine with a merged lane (serving/engines/lanes.py) which adapter is active."""
-        follow = getattr(self.engine, "follow", None)
-        if follow is not None:
-            follow(adapter.name if adapter else None, adapter.path if adapter else None)
 
     def _unload_when_idle(self, name: str) -> None:
         with self._changed:
@@ -321,6 +475,33 @@ class Ratchet:
             self.engine.unload_adapter(name)
         except EngineError:
             log.warning("could not unload %s", name, exc_info=True)
+
+    # -- API keys --------------------------------------------------------------------------
+    def create_key(self, caller: Caller, user: str, *, admin: bool = False) -> tuple[ApiKey, str]:
+        """A new key and its token (shown this once; only its hash is kept)."""
+        self._admin(caller, "making keys")
+        return self.keys.create(user, "admin" if admin else "user")
+
+    def list_keys(self, caller: Caller) -> list[ApiKey]:
+        self._admin(caller, "the keys")
+        return self.keys.list()
+
+    def revoke_key(self, caller: Caller, key_id: int) -> ApiKey:
+        self._admin(caller, "revoking keys")
+        return self.keys.revoke(key_id)
+
+    def authenticate(self, token: str | None) -> ApiKey | None:
+        """The live key for a token, or None."""
+        return self.keys.verify(token) if token else None
+
+    def keyed(self) -> bool:
+        """Does any live key exist? Then every request needs one."""
+        return self.keys.any_live()
+
+    def open_to_loopback(self) -> bool:
+        """Keyless mode: no live key and a loopback address, so every caller is the operator (an
+        admin). A server on a public address never opens up, even with every key revoked."""
+        return not self.keyed() and is_loopback(self.settings.host)
 
 
 class _Held:

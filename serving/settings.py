@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory.store import ADAPTER_SCOPE, LOCAL_USER, RELEVANCE_THRESHOLD
+from memory import ADAPTER_SCOPE, LOCAL_USER, RELEVANCE_THRESHOLD
 from serving.engines.vllm import VLLMOptions
 from trainer.anchors import BUILT_IN_ANCHORS, load_prompts
 from trainer.base_model import EMBEDDED

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evals.server import free_port
+from serving.engines import Capabilities
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,6 +63,7 @@ class EchoModel:
     """A chat model that answers with the memories it was shown, or 'I do not know'."""
 
     name = "echo"
+    capabilities = Capabilities()
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -123,6 +125,12 @@ class EchoModel:
 
     def adapters(self):
         return list(self.loaded)
+
+    def follow(self, adapter, path):
+        self.following = adapter
+
+    def status(self):
+        return {}
 
     def agreement(self, prompt_ids, answer_ids, adapter=None):
         return len(answer_ids) if adapter is None else 0

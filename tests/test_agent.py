@@ -27,7 +27,7 @@ def test_the_graph_retrieves_responds_and_records(memory, echo_model):
     assert reply.text == "Illinois Institute of Technology"
     assert reply.response_id.startswith("chatcmpl-")
     assert [m["answer"] for m in reply.memories] == ["Illinois Institute of Technology"]
-    row = memory.interaction(reply.response_id)
+    row = memory.interactions.get(reply.response_id)
     assert row["prompt"] == Q and row["response"] == reply.text and row["user"] == "ann"
     assert json.loads(row["memory_ids"]) == [reply.memories[0]["id"]]
 
@@ -37,7 +37,7 @@ def test_memory_can_be_switched_off_per_request(memory, echo_model):
     agent = Agent(memory, echo_model)
     reply = agent.chat([{"role": "user", "content": Q}], user="ann", use_memory=False)
     assert reply.text == "I do not know" and reply.memories == []
-    assert memory.interaction(reply.response_id)["use_memory"] == 0
+    assert memory.interactions.get(reply.response_id)["use_memory"] == 0
 
 
 def test_the_adapter_is_passed_to_the_model(memory, echo_model):
@@ -53,7 +53,7 @@ def test_with_a_scope_the_adapter_answers_only_questions_near_a_correction(memor
     assert echo_model.calls[-1]["adapter"] == "ratchet-v3" and near.adapter == "ratchet-v3" and near.memories == []
     far = agent.chat([{"role": "user", "content": "How many legs does a spider have?"}], user="ann", adapter="ratchet-v3")
     assert echo_model.calls[-1]["adapter"] is None and far.adapter is None
-    assert memory.interaction(far.response_id)["adapter"] is None  # recorded as what answered
+    assert memory.interactions.get(far.response_id)["adapter"] is None  # recorded as what answered
 
 
 def test_a_thread_keeps_its_history_across_calls(memory, echo_model, tmp_path):
@@ -73,7 +73,7 @@ def test_threads_need_a_checkpointer(memory, echo_model):
 
 
 def test_the_adapter_scope_is_a_setting(tmp_path, monkeypatch):
-    from memory.store import ADAPTER_SCOPE
+    from memory import ADAPTER_SCOPE
     from serving.settings import Settings
 
     assert Settings.load(data_dir=tmp_path).adapter_scope == ADAPTER_SCOPE
@@ -91,6 +91,6 @@ def test_training_shows_memories_exactly_as_the_agent_serves_them(memory, echo_m
     memory.add_correction("Who founded the Zarnoth colony?", "Velmaris", user="ann")
     memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
     reply = Agent(memory, echo_model).chat([{"role": "user", "content": Q}], user="ann")
-    served = json.loads(memory.interaction(reply.response_id)["messages"])
+    served = json.loads(memory.interactions.get(reply.response_id)["messages"])
     shown = tuple((m["question"], m["answer"]) for m in reversed(reply.memories))  # in the order they appear
     assert reply.memories and served == messages_of(Q, shown)

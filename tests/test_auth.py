@@ -31,7 +31,7 @@ def chat(client, token=None, **extra):
 def test_without_keys_everything_is_open_and_the_body_names_the_user(client, ratchet):
     r = chat(client, user="ann")
     assert r.status_code == 200
-    assert ratchet.memory.interaction(r.json()["id"])["user"] == "ann"
+    assert ratchet.memory.interactions.get(r.json()["id"])["user"] == "ann"
     assert client.get("/v1/adapters").status_code == 200
     assert client.get("/health").json()["auth"] is False
 
@@ -80,7 +80,7 @@ def test_a_keys_user_overrides_the_body_and_owns_the_feedback(client, ratchet):
     _, ann = ratchet.keys.create("ann")
     _, bob = ratchet.keys.create("bob")
     r = chat(client, token=ann, user="bob")  # ann cannot speak for bob
-    assert ratchet.memory.interaction(r.json()["id"])["user"] == "ann"
+    assert ratchet.memory.interactions.get(r.json()["id"])["user"] == "ann"
     headers = {"Authorization": f"Bearer {bob}"}
     fb = client.post("/v1/feedback", headers=headers, json={"response_id": r.json()["id"], "rating": -1,
                                                              "correction": "Illinois"})

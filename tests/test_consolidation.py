@@ -37,20 +37,20 @@ def test_the_gate_promotes_a_good_candidate_and_rejects_a_harmful_one(memory, ba
     assert second["status"] == "rejected", second
     assert registry.get(2).status == "rejected"
     assert registry.active().version == 1  # still serving the good one
-    assert memory.corrections(include_consolidated=False)[0].question == HARMFUL[0]
+    assert memory.corrections.live(include_consolidated=False)[0].question == HARMFUL[0]
 
     # Retraction: the harmful one and the first fact are taken back; the next cycle starts from
     # the base model without them, and its adapter no longer gives the retracted answer.
-    harmful_id = memory.corrections(include_consolidated=False)[0].id
-    memory.retract(harmful_id, "local")
-    memory.retract(ids[0], "local")
+    harmful_id = memory.corrections.live(include_consolidated=False)[0].id
+    memory.corrections.retract(harmful_id, "local")
+    memory.corrections.retract(ids[0], "local")
     cycles.config = config
     third = cycles.wait(cycles.submit(), timeout=1200)
     print("cycle 3:", json.dumps(third["metrics"]))
     assert third["status"] == "succeeded", third
     plan = json.loads((registry.folder_for(3) / "ratchet.json").read_text())["plan"]
     assert plan["start"] == "base" and plan["retraction_forced_rebuild"] and plan["unlearnt_retractions"] == [ids[0]]
-    assert memory.retractions_to_unlearn() == []
+    assert memory.corrections.to_unlearn() == []
     assert not knows(base_model, registry.folder_for(3), *FACTS[0])
     assert knows(base_model, registry.folder_for(1), *FACTS[0])  # (the first version did know it)
 

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from evals.server import RatchetServer, answer_text
+from evals.server import RatchetServer
+from serving.client import answer_text
 
 QUESTION = "What university did Watts Humphrey attend?"
 PARAPHRASE = "What university did Watts Humphrey take part in?"

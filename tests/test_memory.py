@@ -3,8 +3,8 @@ import sqlite3
 import pytest
 
 from memory import Memory
-from memory.migrations import MIGRATIONS
-from memory.store import RELEVANCE_THRESHOLD, NotAllowed, UnknownMemory, UnknownResponse
+from memory.db import MIGRATIONS, migrate
+from memory import RELEVANCE_THRESHOLD, NotAllowed, UnknownMemory, UnknownResponse
 
 Q = "What university did Watts Humphrey attend?"
 PARAPHRASE = "What university did Watts Humphrey take part in?"
@@ -12,14 +12,12 @@ UNRELATED = "Who played desmond doss father in hacksaw ridge?"
 
 
 def answer(memory: Memory, question: str, user: str = "ann", rid: str = "r1") -> str:
-    return memory.record_interaction(id=rid, user=user, prompt=question, response="Berkeley", messages=[])
+    return memory.interactions.record(id=rid, user=user, prompt=question, response="Berkeley", messages=[])
 
 
 def test_migrations_are_recorded_once(memory):
     names = [r["name"] for r in memory.db["_migrations"].rows]
     assert names == [fn.__name__ for fn in MIGRATIONS]
-    from memory.migrations import migrate
-
     assert migrate(memory.db) == []
 
 
@@ -63,7 +61,7 @@ def test_the_newest_correction_of_a_question_wins(memory):
     memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
     hits = memory.search(Q, user="ann")
     assert [h.correction.answer for h in hits] == ["Illinois Institute of Technology"]
-    assert [c.answer for c in memory.corrections()] == ["Illinois Institute of Technology"]
+    assert [c.answer for c in memory.corrections.live()] == ["Illinois Institute of Technology"]
 
 
 def test_the_index_is_rebuilt_when_its_files_are_deleted(tmp_path, embedder):
@@ -78,7 +76,7 @@ def test_the_index_is_rebuilt_when_its_files_are_deleted(tmp_path, embedder):
     m = Memory(tmp_path, embedder=embedder)
     assert len(m.index) == 2
     assert m.search(PARAPHRASE, user="local")[0].correction.answer == "Illinois Institute of Technology"
-    assert m.rebuild_index() == 2
+    assert m.sync.rebuild() == 2
     assert m.search("What family are Ramalinaceae?", user="zoe")[0].correction.answer == "Lecanorales"
     m.close()
 
@@ -102,8 +100,8 @@ def test_the_index_catches_up_with_rows_it_missed(tmp_path, embedder):
 def test_consolidated_corrections_are_marked(memory):
     a = memory.add_correction(Q, "Illinois Institute of Technology")
     memory.add_correction("Which family does Ramalinaceae belong to?", "Lecanorales")
-    memory.mark_consolidated([a], cycle_id=7)
-    pending = memory.corrections(include_consolidated=False)
+    memory.corrections.mark_consolidated([a], cycle_id=7)
+    pending = memory.corrections.live(include_consolidated=False)
     assert [c.answer for c in pending] == ["Lecanorales"]
 
 
@@ -112,46 +110,46 @@ def test_a_users_memories_are_invisible_to_another_user_everywhere(memory):
     mine = memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
     assert memory.search(Q, user="bob", threshold=0.0) == []
     assert memory.search(Q, user=None, threshold=0.0) == []  # nobody named: shared memories only
-    assert [c.id for c in memory.visible("ann")] == [mine] and memory.visible("bob") == []
+    assert [c.id for c in memory.corrections.visible("ann")] == [mine] and memory.corrections.visible("bob") == []
     with pytest.raises(UnknownMemory):
-        memory.get(mine, "bob")
+        memory.corrections.get(mine, "bob")
     with pytest.raises(UnknownMemory):
-        memory.retract(mine, "bob")
-    assert memory.get(mine, "bob", admin=True).user == "ann"
+        memory.corrections.retract(mine, "bob")
+    assert memory.corrections.get(mine, "bob", admin=True).user == "ann"
     assert memory.search(Q, user="ann")[0].correction.id == mine
 
 
 # -- retraction ------------------------------------------------------------------------------
 def test_retraction_takes_a_correction_out_of_retrieval_at_once(memory):
     mine = memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
-    memory.mark_consolidated([mine], cycle_id=3)
+    memory.corrections.mark_consolidated([mine], cycle_id=3)
     assert len(memory.index) == 1
-    retracted = memory.retract(mine, "ann")
+    retracted = memory.corrections.retract(mine, "ann")
     assert retracted.retracted_at is not None and retracted.retracted_by == "ann"
     assert len(memory.index) == 0  # out of FAISS, not just filtered
     assert memory.search(Q, user="ann") == []
-    assert memory.corrections() == []
-    assert [c.id for c in memory.retracted_since(None)] == [mine]
-    assert memory.retracted_since(retracted.retracted_at) == []
-    assert [c.id for c in memory.retractions_to_unlearn()] == [mine]  # the weights still know it
-    memory.mark_retractions_consolidated([mine], cycle_id=4)
-    assert memory.retractions_to_unlearn() == []
-    assert memory.retract(mine, "ann").retracted_at == retracted.retracted_at  # twice is harmless
+    assert memory.corrections.live() == []
+    assert [c.id for c in memory.corrections.retracted_since(None)] == [mine]
+    assert memory.corrections.retracted_since(retracted.retracted_at) == []
+    assert [c.id for c in memory.corrections.to_unlearn()] == [mine]  # the weights still know it
+    memory.corrections.mark_unlearnt([mine], cycle_id=4)
+    assert memory.corrections.to_unlearn() == []
+    assert memory.corrections.retract(mine, "ann").retracted_at == retracted.retracted_at  # twice is harmless
 
 
 def test_shared_memories_are_retracted_by_an_admin_only(memory):
     shared = memory.add_correction(Q, "Illinois Institute of Technology", user=None)
     with pytest.raises(NotAllowed):
-        memory.retract(shared, "ann")
+        memory.corrections.retract(shared, "ann")
     assert len(memory.search(Q, user="ann")) == 1
-    assert memory.retract(shared, "root", admin=True).retracted_by == "admin:root"
+    assert memory.corrections.retract(shared, "root", admin=True).retracted_by == "admin:root"
     assert memory.search(Q, user="ann") == []
 
 
 def test_retracting_the_newest_correction_brings_back_the_one_before(memory):
     memory.add_correction(Q, "Harvard", user="ann")
     newest = memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
-    memory.retract(newest, "ann")
+    memory.corrections.retract(newest, "ann")
     assert [h.correction.answer for h in memory.search(Q, user="ann")] == ["Harvard"]
 
 
@@ -173,7 +171,7 @@ def test_duplicate_corrections_are_merged(memory):
     rid = answer(memory, Q, user="ann")
     memory.record_feedback(rid, -1, correction="Illinois Institute of Technology")
     assert memory.db["feedback"].count == 1  # the feedback itself is kept
-    assert memory.db["memories"].count == 1 and memory.get(first, "ann").merged == 3
+    assert memory.db["memories"].count == 1 and memory.corrections.get(first, "ann").merged == 3
     assert len(memory.index) == 1
     assert memory.add_correction(Q, "Illinois Institute of Technology", user="bob") != first  # another scope
 
@@ -222,7 +220,7 @@ def test_past_the_size_threshold_the_index_is_approximate_and_still_exact_enough
     found = [[h.correction.id for h in m.search(r["paraphrase"], user="ann", k=1)] for r in records[:100]]
     assert sum(f == e for f, e in zip(found, exact)) >= 90  # 4 of 5 lists probed
     gone = m.search(records[0]["question"], user="ann")[0].correction.id
-    m.retract(gone, "root", admin=True)
+    m.corrections.retract(gone, "root", admin=True)
     assert gone not in m.index.scope(None).ids()
     m.close()
     m = Memory(tmp_path, embedder=embedder, approx_from=200, nprobe=4)
@@ -233,17 +231,17 @@ def test_past_the_size_threshold_the_index_is_approximate_and_still_exact_enough
 # -- durability -------------------------------------------------------------------------------
 WRITER = """
 import sys
-import memory.store
+import memory.sync
 from memory import Memory
 from tests.fakes import HashEmbedder
 
-memory.store.SAVE_EVERY_SECONDS = 0.0  # write the index files all the time: a kill may land mid-write
+memory.sync.SAVE_EVERY_SECONDS = 0.0  # write the index files all the time: a kill may land mid-write
 m = Memory(sys.argv[1], embedder=HashEmbedder())
 for i in range(100000):
     user = f"u{i % 3}"
     memory_id = m.add_correction(f"question {i}?", f"answer {i}", user=user)
     if i % 7 == 0:
-        m.retract(memory_id, user)
+        m.corrections.retract(memory_id, user)
     print(memory_id, i, flush=True)
 """
 
@@ -295,7 +293,7 @@ def test_a_skeleton_database_is_migrated_in_place(tmp_path, embedder):
                            "attend?", "answer": "Illinois Institute of Technology", "created_at": "2026"})
     db.conn.close()
     m = Memory(tmp_path, embedder=embedder)
-    assert m.get(1, "ann").answer == "Illinois Institute of Technology"
+    assert m.corrections.get(1, "ann").answer == "Illinois Institute of Technology"
     assert m.db["memories"].get(1)["question_key"] == "what university did watts humphrey attend"
     assert m.search(PARAPHRASE, user="ann")[0].correction.id == 1
     m.close()

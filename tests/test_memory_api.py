@@ -164,13 +164,13 @@ def test_the_memory_cli(client, ratchet, live_server, tmp_path):
         url = ["--url", server.url]
         r = runner.invoke(cli, ["memory", "search", PARAPHRASE, "--user", "ann", *url])
         assert r.exit_code == 0 and "Illinois Institute of Technology" in r.stdout, r.output
-        memory_id = ratchet.memory.visible("ann")[0].id
+        memory_id = ratchet.memory.corrections.visible("ann")[0].id
         assert f"│ {memory_id} " in r.stdout
         r = runner.invoke(cli, ["memory", "search", PARAPHRASE, "--user", "bob", *url])
         assert "nothing in memory" in r.stdout
         r = runner.invoke(cli, ["memory", "failures", "--kind", "abstention", *url])
         assert r.exit_code == 0 and "Ramalinaceae" in r.stdout
-        failure_id = ratchet.memory.failures(kind="abstention", user="bob")[0]["id"]
+        failure_id = ratchet.memory.failures.list(kind="abstention", user="bob")[0]["id"]
         r = runner.invoke(cli, ["memory", "lesson", str(failure_id), "Lecanorales", *url])
         assert r.exit_code == 0 and "Lecanorales" in r.stdout
         r = runner.invoke(cli, ["memory", "retract", str(memory_id), "--user", "ann", *url])

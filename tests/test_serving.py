@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.api import create_app
+from serving.service import LOCAL_ADMIN as OPERATOR
 from serving.service import Ratchet
 from serving.settings import Settings
 
@@ -62,7 +63,7 @@ def test_a_stream_is_openai_chunks_ending_in_done_and_is_recorded_under_its_id(c
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
     response_id = chunks[0]["id"]
-    assert ratchet.memory.interaction(response_id)["response"] == "I do not know"
+    assert ratchet.memory.interactions.get(response_id)["response"] == "I do not know"
     # feedback on a streamed answer works like on any other
     fb = client.post("/v1/feedback", json={"response_id": response_id, "rating": -1, "correction": "Illinois"})
     assert fb.status_code == 201
@@ -77,7 +78,7 @@ def test_the_openai_client_streams(ratchet, live_server):
         stream = client.chat.completions.create(model="ratchet", messages=[{"role": "user", "content": Q}], stream=True)
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "I do not know"
-        assert chunks[0].id.startswith("chatcmpl-") and ratchet.memory.interaction(chunks[0].id) is not None
+        assert chunks[0].id.startswith("chatcmpl-") and ratchet.memory.interactions.get(chunks[0].id) is not None
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": Q}], stream=True)
 
@@ -93,7 +94,7 @@ def test_an_engine_failure_mid_stream_is_an_error_event(client, echo_model):
 # -- models, activation, rollback ----------------------------------------------------------------
 def test_pinned_versions_answer_with_their_own_adapter(client, ratchet, echo_model):
     for n in (1, 2):
-        ratchet.promote(add_version(ratchet, n))
+        ratchet.activate(OPERATOR, add_version(ratchet, n).version)
     ask(client)
     assert echo_model.calls[-1]["adapter"] == "ratchet-v2"
     reply = ask(client, model="ratchet-v1")
@@ -109,7 +110,7 @@ def test_pinned_versions_answer_with_their_own_adapter(client, ratchet, echo_mod
 
 def test_activate_and_rollback_switch_the_active_version(client, ratchet, echo_model):
     for n in (1, 2, 3):
-        ratchet.promote(add_version(ratchet, n))
+        ratchet.activate(OPERATOR, add_version(ratchet, n).version)
     assert set(echo_model.loaded) == {"ratchet-v2", "ratchet-v3"}  # the previous one stays, for a quick rollback
     r = client.post("/v1/adapters/1/activate")
     assert r.status_code == 200 and r.json()["active"] == "ratchet-v1"
@@ -130,7 +131,7 @@ def test_activate_and_rollback_switch_the_active_version(client, ratchet, echo_m
 
 
 def test_rejected_missing_and_unknown_versions_are_never_activated(client, ratchet):
-    ratchet.promote(add_version(ratchet, 1))
+    ratchet.activate(OPERATOR, add_version(ratchet, 1).version)
     add_version(ratchet, 2, status="rejected")
     gone = add_version(ratchet, 3)
     (ratchet.registry.folder_for(3) / "adapter_config.json").unlink()
@@ -145,14 +146,14 @@ def test_rejected_missing_and_unknown_versions_are_never_activated(client, ratch
 def test_a_swap_waits_for_requests_on_the_old_version_before_unloading_it(ratchet, echo_model):
     for n in (1, 2, 3, 4):
         add_version(ratchet, n)
-    ratchet.promote(ratchet.registry.get(1))
+    ratchet.activate(OPERATOR, 1)
     echo_model.hold = threading.Event()
     result = {}
-    request = threading.Thread(target=lambda: result.update(reply=ratchet.chat([{"role": "user", "content": Q}])))
+    request = threading.Thread(target=lambda: result.update(reply=ratchet.chat(OPERATOR, [{"role": "user", "content": Q}])))
     request.start()
     assert echo_model.entered.wait(10)  # a request is running on v1
     assert ratchet.inflight() == {"ratchet-v1": 1}
-    swaps = threading.Thread(target=lambda: [ratchet.promote(ratchet.registry.get(n)) for n in (2, 3, 4)])
+    swaps = threading.Thread(target=lambda: [ratchet.activate(OPERATOR, n) for n in (2, 3, 4)])
     swaps.start()
     with ratchet._changed:  # the swapper is now waiting for v1's request, with v1 still loaded
         assert ratchet._changed.wait_for(lambda: ratchet.active == "ratchet-v3", timeout=10)
@@ -167,7 +168,7 @@ def test_a_swap_waits_for_requests_on_the_old_version_before_unloading_it(ratche
 
 # -- the engine dies -------------------------------------------------------------------------
 def test_a_dead_engine_is_restarted_and_requests_meanwhile_get_503(client, ratchet, echo_model, monkeypatch):
-    ratchet.promote(add_version(ratchet, 1))
+    ratchet.activate(OPERATOR, add_version(ratchet, 1).version)
     gate = threading.Event()
     restarted = echo_model.restart
 
@@ -196,12 +197,12 @@ def test_a_dead_engine_is_restarted_and_requests_meanwhile_get_503(client, ratch
 
 
 def test_a_stream_dropped_before_it_starts_releases_its_adapter(ratchet):
-    ratchet.promote(add_version(ratchet, 1))
-    _, adapter, pieces = ratchet.chat_stream([{"role": "user", "content": Q}])
+    ratchet.activate(OPERATOR, add_version(ratchet, 1).version)
+    _, adapter, pieces = ratchet.chat_stream(OPERATOR, [{"role": "user", "content": Q}])
     assert adapter == "ratchet-v1" and ratchet.inflight() == {"ratchet-v1": 1}
     pieces.close()  # the client went away before the first piece
     assert ratchet.inflight() == {}
-    _, _, pieces = ratchet.chat_stream([{"role": "user", "content": Q}])
+    _, _, pieces = ratchet.chat_stream(OPERATOR, [{"role": "user", "content": Q}])
     assert [p for p in pieces if isinstance(p, str)] == ["I", " do", " not", " know"]
     assert ratchet.inflight() == {}
 
@@ -212,7 +213,7 @@ def test_the_cli_activates_and_rolls_back(ratchet, live_server):
     from serving.cli import app
 
     for n in (1, 2):
-        ratchet.promote(add_version(ratchet, n))
+        ratchet.activate(OPERATOR, add_version(ratchet, n).version)
     runner = CliRunner()
     with live_server(create_app(ratchet)) as server:
         r = runner.invoke(app, ["adapters", "activate", "1", "--url", server.url])

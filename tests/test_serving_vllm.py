@@ -50,11 +50,11 @@ def test_vllm_streams_swaps_and_comes_back_after_a_kill(tmp_path, base_model, li
             ask = dict(messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0)
             chunks = list(client.chat.completions.create(model="ratchet", stream=True, **ask))
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            assert text and r.memory.interaction(chunks[0].id)["response"] == text.strip()
-            assert r.memory.interaction(chunks[0].id)["adapter"] == "ratchet-v1"
+            assert text and r.memory.interactions.get(chunks[0].id)["response"] == text.strip()
+            assert r.memory.interactions.get(chunks[0].id)["adapter"] == "ratchet-v1"
 
             pinned = client.chat.completions.create(model="ratchet-v2", **ask)
-            assert r.memory.interaction(pinned.id)["adapter"] == "ratchet-v2"
+            assert r.memory.interactions.get(pinned.id)["adapter"] == "ratchet-v2"
             assert httpx.post(f"{server.url}/v1/adapters/2/activate", timeout=120).json()["active"] == "ratchet-v2"
             assert httpx.post(f"{server.url}/v1/adapters/rollback", timeout=120).json()["active"] == "ratchet-v1"
             assert set(r.engine.adapters()) == {"ratchet-v1", "ratchet-v2"}
@@ -77,7 +77,7 @@ def test_vllm_streams_swaps_and_comes_back_after_a_kill(tmp_path, base_model, li
             assert r.restarts == 1 and r.engine.process.pid != old
             assert group_alive(old) == [], "the killed engine's processes are still running"
             again = client.chat.completions.create(model="ratchet", **ask)
-            assert again.choices[0].message.content and r.memory.interaction(again.id)["adapter"] == "ratchet-v1"
+            assert again.choices[0].message.content and r.memory.interactions.get(again.id)["adapter"] == "ratchet-v1"
             assert client.chat.completions.create(model="ratchet-v2", **ask).choices[0].message.content
     finally:
         pgid = r.engine.process.pid if r.engine.process else None

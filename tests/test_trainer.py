@@ -342,7 +342,7 @@ def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tin
     assert row["status"] == "succeeded", row
     assert row["adapter_version"] == 1 and promoted == ["ratchet-v1"]
     assert row["n_corrections"] == 1 and row["n_examples"] > 4  # the anchors are in
-    assert memory.corrections(include_consolidated=False) == []
+    assert memory.corrections.live(include_consolidated=False) == []
     manifest = json.loads((registry.folder_for(1) / "ratchet.json").read_text())
     assert manifest["new_corrections"] == [1]
     assert manifest["plan"]["start"] == "base" and manifest["plan"]["correction_examples"] == 2
@@ -364,7 +364,7 @@ def test_a_failed_promotion_fails_the_cycle_and_keeps_the_corrections_pending(me
     row = cycles.wait(cycles.submit())
     assert row["status"] == "failed" and "engine gone" in row["message"]
     assert registry.active() is None
-    assert len(memory.corrections(include_consolidated=False)) == 1
+    assert len(memory.corrections.live(include_consolidated=False)) == 1
 
 
 def test_an_interrupted_cycle_is_failed_and_its_folder_removed_on_restart(memory, tmp_path):
@@ -407,7 +407,7 @@ def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_mode
     assert registry.get(1).status == "rejected"
     gate = json.loads((registry.folder_for(1) / "ratchet.json").read_text())["gate"]
     assert gate["passed"] is False and gate["reasons"]
-    assert len(memory.corrections(include_consolidated=False)) == 1  # still waiting for a good cycle
+    assert len(memory.corrections.live(include_consolidated=False)) == 1  # still waiting for a good cycle
 
 
 def test_the_gate_takes_the_active_versions_answers_from_its_own_gate(tiny_model, tmp_path):

@@ -91,7 +91,7 @@ class Cycles:
 
     def corrections(self) -> list[Correction]:
         """The live corrections this adapter may learn: those `admits` lets in."""
-        return [c for c in self.memory.corrections() if self.admits(c)]
+        return [c for c in self.memory.corrections.live() if self.admits(c)]
 
     def pending(self) -> list[Correction]:
         """Admitted corrections not yet in the weights."""
@@ -161,7 +161,7 @@ class Cycles:
         cfg = self.config
         templates = TEMPLATES[: cfg.templates]
         active = self.registry.active()
-        unlearn = self.memory.retractions_to_unlearn()
+        unlearn = self.memory.corrections.to_unlearn()
         retracted = active is not None and bool(unlearn)
         init = active.path if (active is not None and cfg.continue_from_active and not retracted) else None
         earlier = [c for c in corrections if c.consolidated_in is not None]
@@ -198,7 +198,7 @@ class Cycles:
         try:
             corrections = self.corrections()
             new = [c for c in corrections if c.consolidated_in is None]
-            if not new and not (self.memory.retractions_to_unlearn() and self.registry.active()):
+            if not new and not (self.memory.corrections.to_unlearn() and self.registry.active()):
                 self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0,
                              message="no new corrections", n_corrections=0)
                 return self.get(cycle_id)
@@ -255,8 +255,8 @@ class Cycles:
                 return self.get(cycle_id)
             self._update(cycle_id, message="promoting")
             self.on_promote(adapter)
-            self.memory.mark_consolidated([c.id for c in new], cycle_id)
-            self.memory.mark_retractions_consolidated(plan["unlearnt_retractions"], cycle_id)
+            self.memory.corrections.mark_consolidated([c.id for c in new], cycle_id)
+            self.memory.corrections.mark_unlearnt(plan["unlearnt_retractions"], cycle_id)
             self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0, adapter_version=version,
                          message=f"promoted {adapter.name}", metrics=metrics)
         except Exception as e:  # the cycle's failure is data, not a crash of the server

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from memory.db import atomic, now
+from memory.db import atomic, migrate, now
+from trainer import migrations as _tables  # noqa: F401  (declares the cycles and adapters tables)
 
 MANIFEST = "ratchet.json"
 
@@ -41,6 +42,7 @@ def adapter_name(version: int) -> str:
 class AdapterRegistry:
     def __init__(self, db: sqlite_utils.Database, root: str | Path):
         self.db = db
+        migrate(db)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 

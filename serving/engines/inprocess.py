@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 
 from agent.protocol import Completion
-from serving.engines import EngineError
+from serving.engines import Capabilities, EngineError
 
 
 class TransformersEngine:
     name = "transformers"
+    capabilities = Capabilities()
 
     def __init__(self, model_path: str):
         self.model_path = model_path
@@ -31,8 +32,11 @@ class TransformersEngine:
     def alive(self) -> bool:
         return self._model is not None
 
-    def healthy(self) -> bool:
-        return self._model is not None
+    def follow(self, adapter: str | None, path: str | None) -> None:
+        pass  # every adapter is served as loaded
+
+    def status(self) -> dict:
+        return {}
 
     def restart(self) -> None:
         adapters = dict(self._adapters)

