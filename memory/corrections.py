@@ -18,13 +18,12 @@ from memory.index import ScopedIndex
 from memory.text import SAME_QUESTION_SCORE, normalise, question_key
 
 LOCAL_USER = "local"  # who asks when nobody is named (no API keys, no `user` field)
-# Cosine similarity a correction needs to be retrieved (reports/memory_calibration.md): a
-# paraphrase retrieves a correction of its fact 95.9% of the time, an unrelated question 0.00%,
-# another subject's question in the same style 0.85%; a wrong fact in the prompt is worse than none.
+# Cosine similarity a correction needs to be retrieved: paraphrases of its question reach it, other
+# subjects' questions in the same style rarely do; a wrong fact in the prompt is worse than none
+# (reports/memory_calibration.md).
 RELEVANCE_THRESHOLD = 0.875
 # The adapter's scope: a question at least this similar to a stored correction is answered by the
-# active adapter, any other by the base model (reports/memory_calibration.md: 99.8% of paraphrases
-# reach it, 0.08% of unrelated questions).
+# active adapter, any other by the base model (reports/memory_calibration.md).
 ADAPTER_SCOPE = 0.7
 MAX_PROMPT_CHARS = 2000  # questions + answers put into one prompt, at most (the first always goes)
 

@@ -96,7 +96,7 @@ class Embedder:
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         options = ort.SessionOptions()
-        # One thread: on 2 shared cores a second one made a single query slower (9.1 vs 5.0 ms).
+        # One thread: on shared cores a second one makes a single query slower (reports/memory.md).
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

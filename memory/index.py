@@ -18,12 +18,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-# One query at a time gains nothing from OpenMP here, and on 2 busy cores its threads wait on
-# each other: a flat search of 200 vectors took 35 ms with 2 threads, well under 1 ms with one.
+# One query at a time gains nothing from OpenMP, and on busy cores its threads wait on each other
+# (reports/memory.md).
 faiss.omp_set_num_threads(1)
 
-# Where exact search stops being cheap: a flat scan costs about 1 ms per 10k vectors here
-# (16.5 ms at 100k), an IVF probe about 0.2-0.5 ms at any size (see reports/memory.md).
+# Where exact search stops being cheap and an IVF probe is faster (reports/memory.md).
 APPROX_FROM = 20_000
 NPROBE = 24  # lists probed per query; chosen in evals/memory_bench.py for recall@5 >= 0.95
 RETRAIN_GROWTH = 4  # retrain the coarse quantiser when the index has grown this much since

@@ -60,11 +60,8 @@ def memory_turns(memories: list[dict]) -> list[dict]:
 
 
 def with_memories(messages: list[dict], memories: list[dict]) -> list[dict]:
-    """`messages` with `memories` put in as earlier exchanges, right after the system message.
-
-    This form made SmolLM2-135M-Instruct give the corrected answer to 17/20 zsRE questions and
-    17/20 paraphrases, against 15 and 11 for the same facts listed in the system message.
-    """
+    """`messages` with `memories` put in as earlier exchanges, right after the system message: a
+    model follows its own earlier answers more often than facts listed in the system message."""
     if not memories:
         return list(messages)
     system = [m for m in messages[:1] if m["role"] == "system"]

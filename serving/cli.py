@@ -46,8 +46,12 @@ def serve(
     from serving.service import Ratchet
     from serving.settings import Settings
 
-    settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model,
-                             consolidate_every=consolidate_every, consolidate_after=consolidate_after)
+    try:
+        settings = Settings.load(engine=engine, host=host, port=port, data_dir=data_dir, model=model,
+                                 consolidate_every=consolidate_every, consolidate_after=consolidate_after)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     console.print(f"ratchet: data in {settings.data_dir}; starting the {settings.engine} engine ...")
     started = time.monotonic()

@@ -54,8 +54,23 @@ class Settings:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
+        from serving.engines import ENGINES
+
         self.data_dir = Path(self.data_dir).expanduser()
         self.models_dir = Path(self.models_dir).expanduser() if self.models_dir else self.data_dir / "models"
+        self.embedder_dir = Path(self.embedder_dir).expanduser()
+        problems = [
+            (self.engine not in ENGINES, f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}"),
+            (not 0 <= self.port <= 65535, f"port must be between 0 and 65535, not {self.port}"),
+            (self.memory_k < 0, "memory_k (corrections in a prompt) cannot be negative"),
+            (not -1 <= self.memory_threshold <= 1, "memory_threshold is a cosine similarity, between -1 and 1"),
+            (not 0 <= self.adapter_scope <= 1, "adapter_scope is a cosine similarity between 0 and 1 (0: no scope)"),
+            (self.max_tokens < 1, "max_tokens must be at least 1"),
+            (self.monitor_interval < 0, "monitor_interval cannot be negative (0: no monitor)"),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise ValueError(f"Ratchet settings: {why}")
 
     @classmethod
     def load(cls, **overrides) -> "Settings":

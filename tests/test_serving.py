@@ -3,6 +3,7 @@ rollback, and the restart of a crashed engine. (The real vLLM engine: test_servi
 
 import json
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -155,8 +156,10 @@ def test_a_swap_waits_for_requests_on_the_old_version_before_unloading_it(ratche
     assert ratchet.inflight() == {"ratchet-v1": 1}
     swaps = threading.Thread(target=lambda: [ratchet.activate(OPERATOR, n) for n in (2, 3, 4)])
     swaps.start()
-    with ratchet._changed:  # the swapper is now waiting for v1's request, with v1 still loaded
-        assert ratchet._changed.wait_for(lambda: ratchet.active == "ratchet-v3", timeout=10)
+    deadline = time.monotonic() + 10  # the swapper reaches v3, then waits for v1's request, with v1 still loaded
+    while ratchet.active != "ratchet-v3" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ratchet.active == "ratchet-v3"
     assert "ratchet-v1" in echo_model.loaded
     echo_model.hold.set()
     request.join(10)
@@ -229,7 +232,9 @@ def test_the_cli_activates_and_rolls_back(ratchet, live_server):
 
 def test_stopping_during_a_restart_ends_the_restart(tmp_path, tiny_model, echo_model, monkeypatch):
     r = Ratchet(Settings(data_dir=tmp_path, model=tiny_model, monitor_interval=0.05, adapter_scope=0), engine=echo_model)
+    before = set(threading.enumerate())
     r.start()
+    monitor = [t for t in threading.enumerate() if t not in before and t.name == "ratchet-engine-monitor"]
     ended = threading.Event()
     restarting = threading.Event()
 
@@ -244,4 +249,4 @@ def test_stopping_during_a_restart_ends_the_restart(tmp_path, tiny_model, echo_m
     echo_model.running = False
     assert restarting.wait(10)
     r.stop()
-    assert ended.is_set() and not r._monitor.is_alive() and r.restarts == 0
+    assert ended.is_set() and len(monitor) == 1 and not monitor[0].is_alive() and r.restarts == 0

@@ -104,3 +104,10 @@ def test_ratchet_serve_reads_the_documented_variables_and_its_options_win(tiny_m
         assert (tmp_path / "option-data" / "ratchet.db").exists()
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("bad", [{"engine": "tgi"}, {"port": 70000}, {"memory_threshold": 1.5},
+                                 {"adapter_scope": -0.1}, {"max_tokens": 0}, {"memory_k": -1}])
+def test_settings_refuse_values_that_cannot_work(tmp_path, bad):
+    with pytest.raises(ValueError, match="Ratchet settings: "):
+        Settings(data_dir=tmp_path, **bad)
