@@ -6,6 +6,7 @@ checkpointer and a thread id the conversation's history is kept between calls.
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import time
@@ -39,6 +40,7 @@ class ChatState(TypedDict, total=False):
     latency_ms: float
     retrieval_ms: float
     response_id: str
+    recorded: bool  # the answer is stored already (a stream cut short records itself)
 
 
 @dataclass
@@ -55,9 +57,12 @@ class Reply:
 
 
 def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
-                scope: float | None = None, checkpointer=None):
+                scope: float | None = None, checkpointer=None, history: int = 40, cancelled: set[str] | None = None):
     """`scope`: when set, the adapter answers only questions at least this similar to a stored
-    correction (memory.ADAPTER_SCOPE); the base model answers the rest."""
+    correction (memory.ADAPTER_SCOPE); the base model answers the rest. `history`: a thread's
+    latest messages sent to the model, at most. `cancelled`: response ids whose client has gone: a
+    streamed answer stops where it is and is recorded as it is."""
+    cancelled = set() if cancelled is None else cancelled
 
     def retrieve(state: ChatState) -> dict:
         question = _last_user_message(state["messages"])
@@ -83,18 +88,28 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         return out
 
     def respond(state: ChatState) -> dict:
-        prompt = with_memories(state["messages"], state.get("memories", []))
+        prompt = with_memories(_latest(state["messages"], history), state.get("memories", []))
         started = time.perf_counter()
         options = dict(adapter=state.get("adapter"), max_tokens=state.get("max_tokens", 256),
                        temperature=state.get("temperature", 0.0))
         if state.get("stream"):
             write = get_stream_writer()
             completion = None
-            for item in model.stream(prompt, **options):  # text pieces, then the whole Completion
-                if isinstance(item, str):
-                    write({"delta": item})
-                else:
+            pieces, sent = model.stream(prompt, **options), []  # text pieces, then the whole Completion
+            for item in pieces:
+                if not isinstance(item, str):
                     completion = item
+                    continue
+                write({"delta": item})
+                sent.append(item)
+                if state["response_id"] in cancelled:  # the client went away: the run ends after this node
+                    pieces.close()  # the engine stops generating
+                    cancelled.discard(state["response_id"])
+                    completion = Completion(text="".join(sent).strip(), completion_tokens=len(sent),
+                                            finish_reason="cancelled")
+                    _record(memory, {**state, "completion": {**completion.__dict__, "prompt": prompt},
+                                     "latency_ms": (time.perf_counter() - started) * 1000})
+                    return {"recorded": True}
         else:
             completion = model.complete(prompt, **options)
         return {
@@ -104,30 +119,9 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         }
 
     def record(state: ChatState) -> dict:
-        response_id = state.get("response_id") or new_response_id()
-        c = state["completion"]
-        memory.interactions.record(
-            id=response_id,
-            thread_id=state.get("thread_id"),
-            user=state.get("user"),
-            model=state.get("model_name"),
-            adapter=state.get("adapter"),
-            prompt=_last_user_message(state["messages"]),
-            messages=c["prompt"],
-            response=c["text"],
-            memory_ids=[m["id"] for m in state.get("memories", [])],
-            use_memory=int(state.get("use_memory", True)),
-            prompt_tokens=c["prompt_tokens"],
-            completion_tokens=c["completion_tokens"],
-            latency_ms=state.get("latency_ms"),
-        )
-        # Failures nobody reports: an abstention, an answer against an active correction, the
-        # same question asked again. Recording them must never cost the user the answer.
-        try:
-            memory.failures.detect(response_id, state.get("memories") if state.get("use_memory", True) else None)
-        except Exception:
-            log.exception("could not check %s for failures", response_id)
-        return {"response_id": response_id}
+        if not state.get("recorded"):
+            _record(memory, state)
+        return {}
 
     graph = StateGraph(ChatState)
     graph.add_node("retrieve", retrieve)
@@ -144,10 +138,15 @@ class Agent:
     """Answers chats through the graph: stateless calls, or threads kept by the checkpointer."""
 
     def __init__(self, memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
-                 scope: float | None = None, checkpointer=None):
-        self.stateless = build_graph(memory, model, k=k, threshold=threshold, scope=scope)
-        self.threaded = build_graph(memory, model, k=k, threshold=threshold, scope=scope, checkpointer=checkpointer)
-        self.has_threads = checkpointer is not None
+                 scope: float | None = None, checkpointer=None, history: int = 40, max_thread: int = 200):
+        """`history`: a thread's latest messages sent to the model; `max_thread`: messages a thread
+        may hold (ThreadFull beyond: start a new one, or delete it)."""
+        self._cancelled: set[str] = set()
+        options = dict(k=k, threshold=threshold, scope=scope, history=history, cancelled=self._cancelled)
+        self.stateless = build_graph(memory, model, **options)
+        self.threaded = build_graph(memory, model, checkpointer=checkpointer, **options)
+        self.checkpointer = checkpointer
+        self.max_thread = max_thread
 
     def chat(self, messages: list[dict], **options) -> Reply:
         """With `thread_id`, `messages` are the new turns; the thread's earlier turns come from the checkpointer."""
@@ -155,15 +154,31 @@ class Agent:
         return _reply(graph.invoke(inputs, config))
 
     def stream(self, messages: list[dict], **options) -> Iterator[str | Reply]:
-        """As `chat`, but yields the answer's text as it is generated, then the Reply."""
+        """As `chat`, but yields the answer's text as it is generated, then the Reply. Closed
+        early (the client went away), the answer stops and what was generated is recorded."""
         graph, inputs, config = self._run(messages, stream=True, **options)
-        state = None
-        for mode, chunk in graph.stream(inputs, config, stream_mode=["custom", "values"]):
-            if mode == "custom":
-                yield chunk["delta"]
-            else:
-                state = chunk
+        state, chunks = None, graph.stream(inputs, config, stream_mode=["custom", "values"])
+        try:
+            for mode, chunk in chunks:
+                if mode == "custom":
+                    yield chunk["delta"]
+                else:
+                    state = chunk
+        except GeneratorExit:
+            self._cancelled.add(inputs["response_id"])
+            raise
+        finally:
+            chunks.close()  # the graph stops at the next piece and records the answer so far
+            self._cancelled.discard(inputs["response_id"])
         yield _reply(state)
+
+    def delete_thread(self, user: str | None, thread_id: str) -> bool:
+        """Forget a thread of `user`'s; False when there was none."""
+        config = {"configurable": {"thread_id": _thread_key(user, thread_id)}}
+        if self.checkpointer is None or not self.threaded.get_state(config).values:
+            return False
+        self.checkpointer.delete_thread(_thread_key(user, thread_id))
+        return True
 
     def _run(
         self,
@@ -179,7 +194,7 @@ class Agent:
         response_id: str | None = None,
         stream: bool = False,
     ):
-        if thread_id is not None and not self.has_threads:
+        if thread_id is not None and self.checkpointer is None:
             raise ValueError("this agent has no checkpointer, so it keeps no threads")
         inputs: ChatState = {
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -195,7 +210,55 @@ class Agent:
         }
         if thread_id is None:
             return self.stateless, inputs, None
-        return self.threaded, inputs, {"configurable": {"thread_id": thread_id}}
+        config = {"configurable": {"thread_id": _thread_key(user, thread_id)}}  # each user's threads are their own
+        held = len(self.threaded.get_state(config).values.get("messages", []))
+        if held + len(messages) + 1 > self.max_thread:
+            raise ThreadFull(f"thread {thread_id!r} holds {held} messages, the most a thread may hold is "
+                             f"{self.max_thread}: start a new thread, or delete this one")
+        return self.threaded, inputs, config
+
+
+def _record(memory: Memory, state: ChatState) -> None:
+    """Store the answer under its response id, and look at it for failures nobody reports: an
+    abstention, an answer against an active correction, the same question asked again (checking
+    must never cost the user the answer)."""
+    c = state["completion"]
+    memory.interactions.record(
+        id=state["response_id"],
+        thread_id=state.get("thread_id"),
+        user=state.get("user"),
+        model=state.get("model_name"),
+        adapter=state.get("adapter"),
+        prompt=_last_user_message(state["messages"]),
+        messages=c["prompt"],
+        response=c["text"],
+        memory_ids=[m["id"] for m in state.get("memories", [])],
+        use_memory=int(state.get("use_memory", True)),
+        prompt_tokens=c["prompt_tokens"],
+        completion_tokens=c["completion_tokens"],
+        latency_ms=state.get("latency_ms"),
+    )
+    try:
+        memory.failures.detect(state["response_id"], state.get("memories") if state.get("use_memory", True) else None)
+    except Exception:
+        log.exception("could not check %s for failures", state["response_id"])
+
+
+class ThreadFull(ValueError):
+    """A thread holds as many messages as it may."""
+
+
+def _thread_key(user: str | None, thread_id: str) -> str:
+    """The checkpointer's key of a user's thread: the same thread id from two users is two threads."""
+    return json.dumps([user, thread_id])
+
+
+def _latest(messages: list[dict], n: int) -> list[dict]:
+    """The last `n` messages, and the system message first if the conversation has one."""
+    if len(messages) <= n:
+        return messages
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    return system + messages[-(n - len(system)):]
 
 
 def new_response_id() -> str:

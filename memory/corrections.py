@@ -92,8 +92,8 @@ class Corrections:
                      "embedder": self.embedder.name, "created_at": stamp, "updated_at": stamp, "merged": 0,
                      "source": source, **extra}
                 ).last_pk
-        if duplicate is None and self.index is not None:
-            self.index.scope(user).add(np.array([memory_id], np.int64), vector[None, :])
+                if self.index is not None:  # under the write lock, so a rebuild of the index cannot miss it
+                    self.index.scope(user).add(np.array([memory_id], np.int64), vector[None, :])
         self._on_write()
         return memory_id
 
@@ -178,6 +178,11 @@ class Corrections:
             raise UnknownMemory(memory_id)
         return _correction(rows[0])
 
+    def count(self, user: str | None) -> int:
+        """How many live memories `user` keeps (None: the shared ones)."""
+        return self.db.execute("select count(*) from memories where user is ? and retracted_at is null",
+                               [user]).fetchone()[0]
+
     def visible(self, user: str | None, *, limit: int = 50, offset: int = 0) -> list[Correction]:
         """The live memories `user` may see, newest first."""
         rows = self.db.query(
@@ -199,8 +204,8 @@ class Corrections:
                     "update memories set retracted_at = ?, retracted_by = ? where id = ? and retracted_at is null",
                     [now(), by if not admin else f"admin:{by}" if by else "admin", memory_id],
                 )
-            if self.index is not None:
-                self.index.scope(memory.user).remove([memory_id])
+                if self.index is not None:
+                    self.index.scope(memory.user).remove([memory_id])
             self._on_write()
         return self.get(memory_id, by, admin=True)
 
@@ -213,16 +218,19 @@ class Corrections:
         return self.get(memory_id, None, admin=True)
 
     # -- consolidation's view --------------------------------------------------------------
-    def live(self, *, include_consolidated: bool = True) -> list[Correction]:
-        """Live (not retracted) corrections, oldest first; the newest of each question only."""
+    def live(self, *, include_consolidated: bool = True,
+             admits: Callable[[Correction], bool] = lambda c: True) -> list[Correction]:
+        """Live (not retracted) corrections that `admits` lets in, oldest first; of those, the newest
+        of each question only (so a correction kept out cannot displace one let in)."""
         where = "retracted_at is null and kind = 'correction'"
         if not include_consolidated:
             where += " and consolidated_in is null"
-        rows = list(self.db["memories"].rows_where(where, order_by="created_at, id"))
-        newest: dict[str, dict] = {}
-        for row in rows:
-            newest[row["question_key"] or question_key(row["question"])] = row
-        return [_correction(r) for r in sorted(newest.values(), key=lambda r: r["id"])]
+        newest: dict[str, Correction] = {}
+        for row in self.db["memories"].rows_where(where, order_by="created_at, id"):
+            c = _correction(row)
+            if admits(c):
+                newest[row["question_key"] or question_key(row["question"])] = c
+        return sorted(newest.values(), key=lambda c: c.id)
 
     def mark_consolidated(self, ids: list[int], cycle_id: int) -> None:
         self._set_where_ids("consolidated_in", cycle_id, ids)

@@ -50,6 +50,10 @@ class IndexSync:
 
     def sync(self) -> dict[str, int]:
         """Make the FAISS indexes hold exactly the live memories of SQLite; returns what changed."""
+        with self.db.write_lock:  # no memory is added or retracted meanwhile
+            return self._sync()
+
+    def _sync(self) -> dict[str, int]:
         live = self._live_by_scope()
         added = removed = 0
         for name, index in self.index.scopes().items():
@@ -70,7 +74,12 @@ class IndexSync:
         return {"added": added, "removed": removed}
 
     def rebuild(self) -> int:
-        """Throw the indexes away and build them again from SQLite (stored embeddings)."""
+        """Throw the indexes away and build them again from SQLite (stored embeddings); memories
+        acknowledged meanwhile wait for it, so none is missed."""
+        with self.db.write_lock:
+            return self._rebuild()
+
+    def _rebuild(self) -> int:
         self.index.clear()
         total = 0
         for user, ids in self._live_by_scope().values():

@@ -11,35 +11,57 @@ import contextlib
 import json
 import logging
 import time
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
 from memory import LOCAL_USER, Correction, NotAllowed, UnknownFailure, UnknownMemory, UnknownResponse
 from memory.failures import KINDS as FAILURE_KINDS
 from serving.engines import EngineError
+from agent.graph import ThreadFull
+from serving.auth import is_loopback
 from serving.service import (
+    Busy,
     Caller,
     EngineUnavailable,
     Forbidden,
     NotServable,
+    QuotaExceeded,
     Ratchet,
+    TooLarge,
     UnknownAdapter,
     UnknownCycle,
     UnknownModel,
+    UnknownThread,
 )
 
 log = logging.getLogger("ratchet.api")
 
 
 # -- bodies --------------------------------------------------------------------------------
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate, which is not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # any length (the service enforces settings.limits)
+Name = Annotated[str, AfterValidator(_encodable), StringConstraints(min_length=1, max_length=256)]  # an identifier
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]  # a row id in a path (SQLite's integers)
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class StreamOptions(BaseModel):
@@ -47,43 +69,43 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model: str = "ratchet"
+    model: Name = "ratchet"
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    user: str | None = None
+    user: Name | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     memory: bool = True  # Ratchet's extension: False answers without retrieval
-    thread_id: str | None = None  # Ratchet's extension: the server keeps the thread's history
+    thread_id: Name | None = None  # Ratchet's extension: the server keeps the thread's history
 
 
 class FeedbackRequest(BaseModel):
-    response_id: str
+    response_id: Name
     rating: Literal[1, -1]
-    comment: str | None = None
-    correction: str | None = Field(default=None, max_length=4000)
-    user: str | None = None
+    comment: Text | None = None
+    correction: Text | None = None
+    user: Name | None = None
 
 
 class AgreementRequest(BaseModel):
-    model: str = "ratchet"
+    model: Name = "ratchet"
     messages: list[Message] = Field(min_length=1)
-    completion: str = Field(min_length=1)
+    completion: Text = Field(min_length=1)
 
 
 class MemoryRequest(BaseModel):
-    question: str = Field(min_length=1, max_length=4000)
-    answer: str = Field(min_length=1, max_length=4000)
+    question: Text = Field(min_length=1)
+    answer: Text = Field(min_length=1)
     shared: bool = False  # shared with every user: admin only
-    user: str | None = None
+    user: Name | None = None
 
 
 class LessonRequest(BaseModel):
-    answer: str = Field(min_length=1, max_length=4000)
+    answer: Text = Field(min_length=1)
     shared: bool = False  # for everyone, rather than for the user whose question failed
-    user: str | None = None
+    user: Name | None = None
 
 
 class OpenAIError(Exception):
@@ -168,7 +190,7 @@ def chat_router(r: Ratchet, caller) -> APIRouter:
         }
 
     @router.get("/v1/models")
-    def models(who: Caller = Depends(caller)):
+    async def models(who: Caller = Depends(caller)):
         return {"object": "list",
                 "data": [{"id": m, "object": "model", "owned_by": "ratchet"} for m in r.models(who)]}
 
@@ -180,12 +202,18 @@ def _usage(reply) -> dict:
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-def _sse(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
-    """Server-sent events as OpenAI streams them: chat.completion.chunk objects, then [DONE]."""
+async def _sse(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
+    """Server-sent events as OpenAI streams them: chat.completion.chunk objects, then [DONE]. Each
+    piece is awaited in a worker thread, so a client that goes away cancels the stream at once:
+    generation stops, the answer so far is recorded and the adapter released."""
+    chunks = _chunks(response_id, model, adapter, pieces, include_usage)
     try:
-        yield from _chunks(response_id, model, adapter, pieces, include_usage)
-    finally:  # also when the client went away: the adapter is released
-        pieces.close()
+        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(pieces.close)
+            chunks.close()
 
 
 def _chunks(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
@@ -210,7 +238,7 @@ def _chunks(response_id: str, model: str, adapter: str | None, pieces, include_u
                     yield f"data: {json.dumps(body)}\n\n"
     except Exception as e:  # the status line is sent already: the error goes into the stream
         log.exception("stream %s failed", response_id)
-        status, err = _error_body(e)
+        _, err, _ = _error_body(e)
         yield f"data: {json.dumps(err)}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -230,7 +258,7 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
     router = APIRouter(tags=["memories"])
 
     @router.get("/v1/memories")
-    def memories(who: Caller = Depends(caller), query: str | None = None,
+    def memories(who: Caller = Depends(caller), query: Text | None = None,
                  limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0),
                  threshold: float | None = Query(None, ge=-1.0, le=1.0)):
         """With `query`: the caller's visible memories nearest to it (newest-wins applied); without:
@@ -249,19 +277,31 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
         return {"object": "memory.index", **r.rebuild_index(who)}
 
     @router.get("/v1/memories/{memory_id}")
-    def memory(memory_id: int, who: Caller = Depends(caller)):
+    def memory(memory_id: Id, who: Caller = Depends(caller)):
         return _memory(r.memory_of(who, memory_id))
 
     @router.post("/v1/memories/{memory_id}/confirm")
-    def confirm(memory_id: int, who: Caller = Depends(caller)):
+    def confirm(memory_id: Id, who: Caller = Depends(caller)):
         """An admin vouches for a correction: it may now enter the shared adapter."""
         c = r.confirm(who, memory_id)
         return {**_memory(c), "confirmed_at": c.confirmed_at, "trusted": r.trusted(c)}
 
     @router.delete("/v1/memories/{memory_id}")
-    def retract(memory_id: int, who: Caller = Depends(caller)):
+    def retract(memory_id: Id, who: Caller = Depends(caller)):
         """Retract: by the user who gave it, or by an admin (the only way for a shared memory)."""
         return {**_memory(r.retract(who, memory_id)), "deleted": True}
+
+    return router
+
+
+def threads_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["threads"])
+
+    @router.delete("/v1/threads/{thread_id}")
+    def delete_thread(thread_id: Name, who: Caller = Depends(caller)):
+        """Forget one of your threads (its history on the server)."""
+        r.delete_thread(who, thread_id)
+        return {"object": "thread.deleted", "id": thread_id, "deleted": True}
 
     return router
 
@@ -271,17 +311,17 @@ def failures_router(r: Ratchet, caller) -> APIRouter:
 
     @router.get("/v1/failures")
     def failures(who: Caller = Depends(caller), kind: Literal[FAILURE_KINDS] | None = None,  # type: ignore[valid-type]
-                 user: str | None = None, open: bool = False, limit: int = Query(50, ge=1, le=500),
+                 user: Name | None = None, open: bool = False, limit: int = Query(50, ge=1, le=500),
                  offset: int = Query(0, ge=0)):
         rows = r.failures(who, kind=kind, user=user, open_only=open, limit=limit, offset=offset)
         return {"object": "list", "data": [_failure(f) for f in rows]}
 
     @router.get("/v1/failures/{failure_id}")
-    def failure(failure_id: int, who: Caller = Depends(caller)):
+    def failure(failure_id: Id, who: Caller = Depends(caller)):
         return _failure(r.failure(who, failure_id))
 
     @router.post("/v1/failures/{failure_id}/lesson", status_code=201)
-    def lesson(failure_id: int, body: LessonRequest, who: Caller = Depends(caller)):
+    def lesson(failure_id: Id, body: LessonRequest, who: Caller = Depends(caller)):
         """Turn the failure into a correction of its question with `answer`."""
         failure, memory = r.lesson(who, failure_id, body.answer, shared=body.shared)
         return {"object": "lesson", "failure": _failure(failure), "memory": _memory(memory)}
@@ -302,7 +342,7 @@ def consolidations_router(r: Ratchet, caller) -> APIRouter:
         return {"object": "list", "schedule": schedule, "data": [_cycle(c) for c in cycles]}
 
     @router.get("/v1/consolidations/{cycle_id}")
-    def consolidation(cycle_id: int, who: Caller = Depends(caller)):
+    def consolidation(cycle_id: Id, who: Caller = Depends(caller)):
         return _cycle(r.consolidation(who, cycle_id))
 
     return router
@@ -323,7 +363,7 @@ def adapters_router(r: Ratchet, caller) -> APIRouter:
                 **r.last_switch}
 
     @router.post("/v1/adapters/{version}/activate")
-    def activate(version: str, who: Caller = Depends(caller)):
+    def activate(version: Name, who: Caller = Depends(caller)):
         number = version.removeprefix("ratchet-v").removeprefix("v")
         if not number.isdigit():
             raise OpenAIError(404, f"no adapter {version!r}", code="adapter_not_found", param="version")
@@ -372,10 +412,10 @@ def _cycle(row: dict) -> dict:
     }
 
 
-def _error_body(e: Exception) -> tuple[int, dict]:
-    """The packages' own exceptions as OpenAI-shaped errors: (status, body)."""
-    def shaped(status, message, type="invalid_request_error", code=None, param=None):
-        return status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+def _error_body(e: Exception) -> tuple[int, dict, dict]:
+    """The packages' own exceptions as OpenAI-shaped errors: (status, body, headers)."""
+    def shaped(status, message, type="invalid_request_error", code=None, param=None, headers=None):
+        return status, {"error": {"message": message, "type": type, "param": param, "code": code}}, headers or {}
 
     if isinstance(e, UnknownResponse):
         return shaped(404, f"no response with id {e.args[0]!r}", code="response_not_found", param="response_id")
@@ -386,17 +426,92 @@ def _error_body(e: Exception) -> tuple[int, dict]:
         return shaped(404, f"no adapter version {e.args[0]}", code="adapter_not_found", param="version")
     if isinstance(e, UnknownCycle):
         return shaped(404, f"no consolidation {e.args[0]}", code="not_found")
+    if isinstance(e, UnknownMemory):
+        return shaped(404, f"no memory {e.args[0]!r} that you can see", code="memory_not_found")
+    if isinstance(e, UnknownFailure):
+        return shaped(404, f"no failure {e.args[0]!r}", code="failure_not_found")
+    if isinstance(e, UnknownThread):
+        return shaped(404, f"you have no thread {e.args[0]!r}", code="thread_not_found")
     if isinstance(e, Forbidden):
         return shaped(403, str(e), "permission_error", "admin_required")
+    if isinstance(e, NotAllowed):
+        return shaped(403, str(e), "permission_error", "not_allowed")
     if isinstance(e, NotServable):
         return shaped(409, str(e), code="adapter_not_servable")
+    if isinstance(e, (TooLarge, ThreadFull)):
+        return shaped(400, str(e), code="thread_full" if isinstance(e, ThreadFull) else "too_large")
+    if isinstance(e, QuotaExceeded):
+        return shaped(429, str(e), code="quota_exceeded")
+    if isinstance(e, Busy):
+        return shaped(429, str(e), "server_error", "busy", headers={"Retry-After": "1"})
     if isinstance(e, EngineUnavailable):
-        return shaped(503, str(e), "server_error", "engine_restarting")
+        return shaped(503, str(e), "server_error", "engine_restarting", headers={"Retry-After": "5"})
     if isinstance(e, EngineError):
         return shaped(503, f"the engine failed: {e}", "server_error", "engine_error")
     if isinstance(e, OpenAIError):
-        return shaped(e.status, e.message, e.type, e.code, e.param)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return shaped(e.status, e.message, e.type, e.code, e.param, headers)
     return shaped(500, f"internal error: {type(e).__name__}", "server_error", "internal_error")
+
+
+# The exceptions _error_body maps, each to its own status (anything else is a 500).
+KNOWN_ERRORS = (UnknownResponse, UnknownModel, UnknownAdapter, UnknownCycle, UnknownMemory, UnknownFailure,
+                UnknownThread, Forbidden, NotAllowed, NotServable, TooLarge, ThreadFull, QuotaExceeded, Busy,
+                EngineError, OpenAIError)
+
+
+def _error(e: Exception) -> JSONResponse:
+    status, body, headers = _error_body(e)
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413, declared or streamed."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        too_large = OpenAIError(413, f"the request body is over {self.limit} bytes", code="body_too_large")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await _error(too_large)(scope, receive, send)
+        received, started = 0, False
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self._TooLarge()
+            return message
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except self._TooLarge:
+            if not started:
+                await _error(too_large)(scope, receive, send)
+
+
+def _same_origin(request: Request) -> bool:
+    """Is this request from this machine's own pages? Its Host a loopback name, and its Origin (when
+    a browser sends one) exactly that host: a foreign page (CSRF) or name (DNS rebinding) is not."""
+    host = request.headers.get("host", "")
+    hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+    if not is_loopback(hostname):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == host
 
 
 # -- the app -------------------------------------------------------------------------------
@@ -413,57 +528,57 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
                   lifespan=lifespan)
     caller = authenticate(r)
-    for make in (chat_router, feedback_router, memories_router, failures_router, consolidations_router,
-                 adapters_router, evaluations_router):
+    for make in (chat_router, feedback_router, memories_router, threads_router, failures_router,
+                 consolidations_router, adapters_router, evaluations_router):
         app.include_router(make(r, caller))
 
     @app.get("/health")
-    def health():
+    async def health():  # on the event loop: it answers even when every worker thread is busy
         return JSONResponse(status_code=200 if r.ready else 503, content=r.health())
 
-    def error(status: int, message: str, type: str, code=None, param=None) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": type, "param": param,
-                                                                    "code": code}})
+    @app.get("/metrics")
+    async def metrics(who: Caller = Depends(caller)):
+        return Response(r.metrics_text(who), media_type=CONTENT_TYPE_LATEST)
 
-    @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, e: OpenAIError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        response = error(e.status, e.message, e.type, e.code, e.param)
-        if headers:
-            response.headers.update(headers)
+    @app.middleware("http")
+    async def measured(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        r.metrics.observe_request(getattr(route, "path", "unmatched"), request.method, response.status_code,
+                                  time.perf_counter() - started)
         return response
 
-    for kind in (UnknownResponse, UnknownModel, UnknownAdapter, UnknownCycle, Forbidden, NotServable, EngineError):
-        @app.exception_handler(kind)
-        async def _known(_: Request, e: Exception):
-            status, body = _error_body(e)
-            response = JSONResponse(status_code=status, content=body)
-            if isinstance(e, EngineUnavailable):
-                response.headers["Retry-After"] = "5"
-            return response
+    @app.middleware("http")
+    async def keyless_only_from_here(request: Request, call_next):
+        """Keyless, every caller on loopback is the operator: only this machine's own pages may call."""
+        if r.open_to_loopback() and not _same_origin(request):
+            return _error(OpenAIError(403, "a keyless Ratchet answers only requests from its own host and origin",
+                                      "permission_error", "foreign_origin"))
+        return await call_next(request)
 
-    @app.exception_handler(UnknownMemory)
-    async def _unknown_memory(_: Request, e: UnknownMemory):
-        return error(404, f"no memory {e.args[0]!r} that you can see", "invalid_request_error", "memory_not_found")
+    app.add_middleware(BodyLimit, limit=r.settings.limits.body_bytes)
 
-    @app.exception_handler(NotAllowed)
-    async def _not_allowed(_: Request, e: NotAllowed):
-        return error(403, str(e), "permission_error", "not_allowed")
+    async def _known(_: Request, e: Exception):
+        return _error(e)
 
-    @app.exception_handler(UnknownFailure)
-    async def _unknown_failure(_: Request, e: UnknownFailure):
-        return error(404, f"no failure {e.args[0]!r}", "invalid_request_error", "failure_not_found")
+    for kind in KNOWN_ERRORS:
+        app.add_exception_handler(kind, _known)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):  # still OpenAI-shaped; the traceback goes to the log
+        log.error("internal error", exc_info=e)
+        return _error(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error(400, f"invalid request: {first.get('msg', 'bad body')} ({param})", "invalid_request_error",
-                     "invalid_request", param)
+        return _error(OpenAIError(400, f"invalid request: {first.get('msg', 'bad body')} ({param})",
+                                  code="invalid_request", param=param))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException):
-        return error(e.status_code, str(e.detail), "invalid_request_error")
+        return _error(OpenAIError(e.status_code, str(e.detail)))
 
     return app

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from memory import LOCAL_USER
 from memory.db import atomic, migrate, now
 from serving import migrations as _tables  # noqa: F401  (declares the api_keys table)
 
@@ -59,6 +60,8 @@ class ApiKeys:
             raise ValueError(f"role must be one of {ROLES}")
         if not user or not user.strip():
             raise ValueError("a key needs a user")
+        if user.strip() == LOCAL_USER:
+            raise ValueError(f"{LOCAL_USER!r} names the operator of a keyless server; give the key another user")
         token = PREFIX + secrets.token_urlsafe(32)
         with atomic(self.db):
             key_id = self.db["api_keys"].insert(

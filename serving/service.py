@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from agent.graph import new_response_id
 from memory import LOCAL_USER, Correction, Hit, Memory, UnknownResponse
 from serving.auth import ApiKey, ApiKeys, is_loopback
 from serving.engines import Engine, EngineError, make_engine
+from serving.metrics import Metrics
 from serving.settings import Settings
 from trainer.base_model import resolve_model
 from trainer.cycle import Cycles
@@ -71,12 +73,32 @@ class UnknownCycle(LookupError):
     pass
 
 
+class UnknownThread(LookupError):
+    pass
+
+
 class NotServable(ValueError):
     """The version exists but may not be served (rejected, or its folder is gone)."""
 
 
 class EngineUnavailable(EngineError):
     """The engine is restarting; the request may be retried shortly."""
+
+
+class TooLarge(ValueError):
+    """A request beyond the server's limits (settings.limits): too many messages, too long a text."""
+
+
+class Busy(RuntimeError):
+    """Every request slot is taken (settings.limits.concurrent_requests); retry in a moment."""
+
+
+class QuotaExceeded(RuntimeError):
+    """The user keeps as many memories as one user may (settings.limits.memories_per_user)."""
+
+
+class DataDirInUse(ValueError):
+    """Another Ratchet serves this data directory."""
 
 
 class Ratchet:
@@ -102,10 +124,35 @@ class Ratchet:
         self._stopped = threading.Event()
         self._ready = threading.Event()  # the engine answers; cleared while it restarts
         self._monitor: threading.Thread | None = None
+        self._slots = threading.BoundedSemaphore(settings.limits.concurrent_requests)
+        self._lock_file = None
+        self._admins: tuple[float, frozenset[str]] = (0.0, frozenset())  # (when read, admin-key users)
         self.restarts = 0
         self.last_switch: dict = {}
+        self.metrics = Metrics(self)
         if not offline:
+            self._lock_data_dir()
             self._compose()
+
+    def _lock_data_dir(self) -> None:
+        """One server per data directory: a second one would remove the first one's cycle's folder."""
+        import fcntl
+
+        path = self.settings.data_dir / "ratchet.lock"
+        self._lock_file = open(path, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "another process"
+            self._lock_file.close()
+            self.memory.close()
+            raise DataDirInUse(f"{self.settings.data_dir} is served by {holder} already; stop it, or use "
+                               f"another --data-dir") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"ratchet pid {os.getpid()}\n")
+        self._lock_file.flush()
 
     def _compose(self) -> None:
         """The parts a server needs beyond storage: the model, the engine, the agent, cycles, schedule."""
@@ -118,7 +165,8 @@ class Ratchet:
         checkpointer = SqliteSaver(self._threads_db)
         checkpointer.setup()
         self.agent = Agent(self.memory, self.engine, k=settings.memory_k, threshold=settings.memory_threshold,
-                           scope=settings.adapter_scope or None, checkpointer=checkpointer)
+                           scope=settings.adapter_scope or None, checkpointer=checkpointer,
+                           history=settings.limits.history_messages, max_thread=settings.limits.thread_messages)
         self.cycles = Cycles(self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir,
                              on_promote=self._switch, admits=self.trusted)
         self.schedule = Schedule(self.cycles, settings.schedule)
@@ -130,7 +178,14 @@ class Ratchet:
         self.engine.start()
         active = self.registry.active()
         if active is not None:
-            self.engine.load_adapter(active.name, active.path)
+            try:
+                self.engine.load_adapter(active.name, active.path)
+            except EngineError as e:  # serve the base model rather than nothing; the failure is listed
+                log.exception("could not load the active adapter %s; serving the base model", active.name)
+                self.memory.failures.record_engine_error(new_response_id(), e, prompt=f"load {active.name}",
+                                                         model=ACTIVE_NAME, adapter=active.name)
+                self.registry.activate(None)
+                active = None
         self.engine.follow(active.name if active else None, active.path if active else None)
         self._ready.set()
         if self.settings.monitor_interval > 0:
@@ -153,6 +208,8 @@ class Ratchet:
             self.engine.stop()
             self._threads_db.close()
         self.memory.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the data directory
 
     close = stop
 
@@ -200,7 +257,15 @@ class Ratchet:
         of trusted users and of admin-key users."""
         if c.user is None or c.confirmed_at or c.user in self.settings.trusted_users:
             return True
-        return any(k.live and k.role == "admin" and k.user == c.user for k in self.keys.list())
+        return c.user in self._admin_users()
+
+    def _admin_users(self, ttl: float = 5.0) -> frozenset[str]:
+        """The users of live admin keys, read at most every `ttl` seconds (a cycle asks per correction)."""
+        read_at, users = self._admins
+        if time.monotonic() - read_at > ttl:
+            users = frozenset(k.user for k in self.keys.list() if k.live and k.role == "admin")
+            self._admins = (time.monotonic(), users)
+        return users
 
     # -- models --------------------------------------------------------------------------
     @property
@@ -254,9 +319,36 @@ class Ratchet:
             return {k: v for k, v in self._inflight.items() if v}
 
     # -- chat ----------------------------------------------------------------------------
+    def _within_limits(self, messages: list[dict], options: dict) -> None:
+        limits = self.settings.limits
+        if len(messages) > limits.messages:
+            raise TooLarge(f"{len(messages)} messages in one request; at most {limits.messages}")
+        for m in messages:
+            if len(m["content"]) > limits.message_chars:
+                raise TooLarge(f"a message of {len(m['content'])} characters; at most {limits.message_chars}")
+        if options["max_tokens"] >= self.settings.vllm.max_model_len:
+            raise TooLarge(f"max_tokens {options['max_tokens']} does not fit the model's context of "
+                           f"{self.settings.vllm.max_model_len} tokens")
+
+    def _take_slot(self):
+        """A request slot, or Busy at once (the caller retries): its release function."""
+        if not self._slots.acquire(blocking=False):
+            raise Busy(f"all {self.settings.limits.concurrent_requests} request slots are busy; retry in a moment")
+        return self._slots.release
+
     def chat(self, caller: Caller, messages: list[dict], *, model: str | None = None, **options) -> Reply:
         """Answer `messages` as `caller.user` (options: use_memory, max_tokens, temperature, thread_id)."""
         options = {"max_tokens": self.settings.max_tokens, **options, "user": caller.user}
+        self._within_limits(messages, options)
+        release = self._take_slot()
+        try:
+            reply = self._chat(messages, model, options)
+        finally:
+            release()
+        self.metrics.observe_chat(model or ACTIVE_NAME, reply)
+        return reply
+
+    def _chat(self, messages: list[dict], model: str | None, options: dict) -> Reply:
         with self._holding(model) as adapter:
             started = time.perf_counter()
             try:
@@ -271,18 +363,50 @@ class Ratchet:
         """(response id, adapter, pieces): the pieces are text, then the Reply. Errors about the
         request itself (unknown model, engine restarting) are raised here, before any piece."""
         options = {"max_tokens": self.settings.max_tokens, **options, "user": caller.user}
-        response_id = new_response_id()
-        holding = self._holding(model)
-        adapter = holding.__enter__()
-        pieces = self.agent.stream(messages, adapter=adapter, model_name=model or ACTIVE_NAME,
-                                   response_id=response_id, **options)
-        return response_id, adapter, _Held(pieces, lambda: holding.__exit__(None, None, None))
+        self._within_limits(messages, options)
+        release = self._take_slot()
+        try:
+            response_id = new_response_id()
+            holding = self._holding(model)
+            adapter = holding.__enter__()
+        except BaseException:
+            release()
+            raise
+        pieces = self._observed(model or ACTIVE_NAME, self.agent.stream(
+            messages, adapter=adapter, model_name=model or ACTIVE_NAME, response_id=response_id, **options))
+
+        def done() -> None:
+            holding.__exit__(None, None, None)
+            release()
+
+        return response_id, adapter, _Held(pieces, done)
+
+    def _observed(self, model: str, pieces: Iterator) -> Iterator:
+        """A stream's pieces, its Reply counted in the metrics."""
+        try:
+            for piece in pieces:
+                if isinstance(piece, Reply):
+                    self.metrics.observe_chat(model, piece)
+                yield piece
+        finally:
+            pieces.close()
+
+    def metrics_text(self, caller: Caller) -> bytes:
+        """The Prometheus metrics, in its text format."""
+        self._admin(caller, "the metrics")
+        return self.metrics.text()
+
+    def delete_thread(self, caller: Caller, thread_id: str) -> None:
+        """Forget one of the caller's threads (UnknownThread when they have none of that id)."""
+        if not self.agent.delete_thread(caller.user, thread_id):
+            raise UnknownThread(thread_id)
 
     def agreement(self, caller: Caller, messages: list[dict], completion: str, *,
                   model: str | None = None) -> tuple[int, int]:
         """(matched, total): how many of `completion`'s tokens the model predicts as its top
         token when teacher-forced after `messages` (token-level locality, as editing benchmarks
         compute it)."""
+        self._within_limits([*messages, {"content": completion}], {"max_tokens": 1})
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -309,12 +433,15 @@ class Ratchet:
                  correction: str | None = None) -> int:
         """Record feedback on an answer (committed when this returns); a correction becomes a
         memory at once and may trigger a cycle. A key's user may rate only their own answers."""
-        if caller.key_id is not None:
-            interaction = self.memory.interactions.get(response_id)
-            if interaction is None or (interaction["user"] or LOCAL_USER) != caller.user:
-                raise UnknownResponse(response_id)
+        self._note_within_limits(comment=comment, correction=correction)
+        interaction = self.memory.interactions.get(response_id)
+        if interaction is None or (caller.key_id is not None and (interaction["user"] or LOCAL_USER) != caller.user):
+            raise UnknownResponse(response_id)
+        user = caller.user if caller.named else (interaction["user"] or LOCAL_USER)
+        if correction and correction.strip():
+            self._within_quota(user)
         feedback_id = self.memory.record_feedback(response_id, rating, comment=comment, correction=correction,
-                                                  user=caller.user if caller.named else None)
+                                                  user=user)
         if correction and correction.strip():
             self._corrected()
         return feedback_id
@@ -323,9 +450,24 @@ class Ratchet:
         """A correction given directly, for the caller (or, by an admin, shared with everyone)."""
         if shared:
             self._admin(caller, "a shared memory")
+        self._within_quota(None if shared else caller.user)
+        if len(question) > self.settings.limits.message_chars:
+            raise TooLarge(f"a question of {len(question)} characters; at most {self.settings.limits.message_chars}")
+        self._note_within_limits(answer=answer)
         memory_id = self.memory.add_correction(question, answer, user=None if shared else caller.user)
         self._corrected()
         return self.memory.corrections.get(memory_id, None, admin=True)
+
+    def _note_within_limits(self, **texts: str | None) -> None:
+        most = self.settings.limits.note_chars
+        for name, text in texts.items():
+            if text is not None and len(text) > most:
+                raise TooLarge(f"a {name} of {len(text)} characters; at most {most}")
+
+    def _within_quota(self, user: str | None) -> None:
+        most = self.settings.limits.memories_per_user
+        if user is not None and self.memory.corrections.count(user) >= most:
+            raise QuotaExceeded(f"{user} keeps {most} memories, the most one user may; retract some first")
 
     def _corrected(self) -> None:
         """A correction arrived (by any door): a cycle may be due (--consolidate-after)."""
@@ -383,6 +525,7 @@ class Ratchet:
     def lesson(self, caller: Caller, failure_id: int, answer: str, *, shared: bool = False) -> tuple[dict, Correction]:
         """Turn a failure into a correction of its question (for the user who asked, or everyone)."""
         self._admin(caller, "a lesson from a failure")
+        self._note_within_limits(answer=answer)
         memory_id = self.memory.failures.lesson(failure_id, answer, shared=shared)
         self._corrected()
         return self.memory.failures.get(failure_id), self.memory.corrections.get(memory_id, None, admin=True)

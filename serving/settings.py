@@ -28,6 +28,25 @@ def default_embedder_dir() -> Path:
 
 
 @dataclass
+class Limits:
+    """What one request, one thread and one user may use, so no caller can exhaust the server."""
+
+    body_bytes: int = 1_000_000  # a request body, at most (413 beyond)
+    messages: int = 64  # messages in one chat request
+    message_chars: int = 16_000  # characters in one message (question, memory answer, lesson)
+    note_chars: int = 4_000  # characters of a comment or correction
+    thread_messages: int = 200  # messages a thread may hold (then: a new thread, or delete this one)
+    history_messages: int = 40  # a thread's latest messages sent to the model
+    memories_per_user: int = 10_000  # live memories one user may keep (429 beyond)
+    concurrent_requests: int = 32  # chats and streams answered at once; more get 429 with Retry-After
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if value < 1:
+                raise ValueError(f"Ratchet settings: limits.{name} must be at least 1")
+
+
+@dataclass
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     model: str = EMBEDDED  # "embedded", an HF model id, or a local folder
@@ -49,6 +68,7 @@ class Settings:
     # users always do). Others stay in their own memory. Default: the keyless local user.
     trusted_users: tuple[str, ...] = (LOCAL_USER,)
     monitor_interval: float = 2.0  # seconds between checks that the engine is alive; 0: no monitor
+    limits: Limits = field(default_factory=lambda: Limits())
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     cycle: CycleConfig = field(default_factory=CycleConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -183,7 +183,7 @@ def live_server():
 @pytest.fixture
 def start_ratchet(tmp_path, tiny_model, echo_model):
     """Start a Ratchet on the echo model in this test's folder: `start_ratchet(**settings)`; the
-    test's client is `TestClient(create_app(r))`. Everything started is stopped afterwards."""
+    test's client is `TestClient(create_app(r), base_url="http://127.0.0.1")`. Everything started is stopped afterwards."""
     from serving.service import Ratchet
     from serving.settings import Settings
 

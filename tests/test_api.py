@@ -19,7 +19,7 @@ def ratchet(start_ratchet):
 
 @pytest.fixture
 def client(ratchet):
-    return TestClient(create_app(ratchet))
+    return TestClient(create_app(ratchet), base_url="http://127.0.0.1")
 
 
 def ask(client, text, **extra):
@@ -126,8 +126,8 @@ def test_agreement_counts_the_tokens_the_model_would_predict(client):
 def test_untrusted_corrections_wait_for_an_admin_before_entering_the_shared_adapter(ratchet):
     _, admin_token = ratchet.keys.create("ops", "admin")
     _, eve_token = ratchet.keys.create("eve")
-    admin = TestClient(create_app(ratchet), headers={"Authorization": f"Bearer {admin_token}"})
-    eve = TestClient(create_app(ratchet), headers={"Authorization": f"Bearer {eve_token}"})
+    admin = TestClient(create_app(ratchet), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {admin_token}"})
+    eve = TestClient(create_app(ratchet), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {eve_token}"})
     rid = ask(eve, Q)["id"]
     assert eve.post("/v1/feedback", json={"response_id": rid, "rating": -1, "correction": "Harvard"}).status_code == 201
     assert ask(eve, Q)["choices"][0]["message"]["content"] == "Harvard"  # her own memory: at once
@@ -156,7 +156,7 @@ def test_every_door_a_correction_comes_through_counts_toward_consolidate_after(s
     r = start_ratchet(schedule=ScheduleConfig(after_corrections=1))
     submitted = []
     monkeypatch.setattr(r.cycles, "submit", lambda trigger="api": submitted.append(trigger) or 1)
-    client = TestClient(create_app(r))
+    client = TestClient(create_app(r), base_url="http://127.0.0.1")
     reply = ask(client, Q)  # "I do not know": an abstention, recorded as a failure
     if door == "feedback":
         client.post("/v1/feedback", json={"response_id": reply["id"], "rating": -1, "correction": "Illinois"})

@@ -19,7 +19,7 @@ def ratchet(start_ratchet):
 
 @pytest.fixture
 def client(ratchet):
-    return TestClient(create_app(ratchet))
+    return TestClient(create_app(ratchet), base_url="http://127.0.0.1")
 
 
 def chat(client, token=None, **extra):

@@ -13,32 +13,35 @@ class FakeLane:
     started: list = []
 
     def __init__(self, model_path, options, log_path=None):
-        self.model_path, self.options, self.running = model_path, options, False
+        self.model_path, self.options, self.up = model_path, options, False
         self.hold: threading.Event | None = None
         self.entered = threading.Event()
 
     def start(self):
-        self.running = True
+        self.up = True
         FakeLane.started.append(self)
 
     def stop(self):
-        self.running = False
+        self.up = False
 
     def alive(self):
-        return self.running
+        return self.up
+
+    def running(self):
+        return self.up
 
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         from agent.protocol import Completion
 
-        assert adapter is None and self.running  # a lane is a plain model; a stopped one fails
+        assert adapter is None and self.up  # a lane is a plain model; a stopped one fails
         self.entered.set()
         if self.hold:
             self.hold.wait(10)
-        assert self.running, "the lane was stopped under a running request"
+        assert self.up, "the lane was stopped under a running request"
         return Completion(text=f"lane {self.model_path}")
 
     def agreement(self, prompt_ids, answer_ids, adapter=None):
-        assert adapter is None and self.running
+        assert adapter is None and self.up
         return len(answer_ids) - 1
 
 
@@ -90,10 +93,10 @@ def test_a_replaced_lane_finishes_its_requests_before_it_stops(engine):
     assert old.entered.wait(10)
     engine.follow("ratchet-v2", "/a2")
     assert wait_for(lambda: "ratchet-v1" not in engine.lanes)  # no new requests go to it...
-    assert old.running  # ...but it is not stopped under the running one
+    assert old.up  # ...but it is not stopped under the running one
     old.hold.set()
     request.join(10)
-    assert result["c"].text.startswith("lane") and wait_for(lambda: not old.running)
+    assert result["c"].text.startswith("lane") and wait_for(lambda: not old.up)
     assert wait_for(lambda: engine.lanes == ["ratchet-v2"])
     engine.follow(None, None)  # rolled back to the base model: no lane
     assert wait_for(lambda: engine.lanes == [])

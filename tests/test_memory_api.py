@@ -50,7 +50,7 @@ def ratchet(tmp_path, tiny_model, engine, embedder, monkeypatch):
 
 @pytest.fixture
 def client(ratchet):
-    return TestClient(create_app(ratchet), client=LOOPBACK)
+    return TestClient(create_app(ratchet), base_url="http://127.0.0.1", client=LOOPBACK)
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def keyed(ratchet):
 
     def make(user: str, admin: bool = False) -> TestClient:
         _, token = ratchet.keys.create(user, "admin" if admin else "user")
-        return TestClient(create_app(ratchet), headers={"Authorization": f"Bearer {token}"})
+        return TestClient(create_app(ratchet), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {token}"})
 
     return make
 

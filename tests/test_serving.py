@@ -25,7 +25,7 @@ def ratchet(start_ratchet, echo_model):
 
 @pytest.fixture
 def client(ratchet):
-    return TestClient(create_app(ratchet))
+    return TestClient(create_app(ratchet), base_url="http://127.0.0.1")
 
 
 def add_version(r: Ratchet, n: int, status: str = "promoted"):

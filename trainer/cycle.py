@@ -91,7 +91,7 @@ class Cycles:
 
     def corrections(self) -> list[Correction]:
         """The live corrections this adapter may learn: those `admits` lets in."""
-        return [c for c in self.memory.corrections.live() if self.admits(c)]
+        return self.memory.corrections.live(admits=self.admits)
 
     def pending(self) -> list[Correction]:
         """Admitted corrections not yet in the weights."""

@@ -135,7 +135,7 @@ class MergedLanes:
         is not stopped while a request it took is still in it."""
         with self._cond:
             lane = self._lanes.get(adapter) if adapter is not None else None
-            if lane is not None and lane.alive():
+            if lane is not None and lane.running():
                 self._inflight[adapter] += 1
             else:
                 lane = None

