@@ -466,10 +466,8 @@ def _error(e: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused with 413, declared or streamed."""
-
-    class _TooLarge(Exception):
-        pass
+    """ASGI middleware: a request body over `limit` bytes is refused with 413, declared or not
+    (a body sent without a length is read here first, up to the limit, then handed on)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -477,30 +475,31 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        too_large = OpenAIError(413, f"the request body is over {self.limit} bytes", code="body_too_large")
-        if not declared.isdigit() or int(declared) > self.limit:
-            return await _error(too_large)(scope, receive, send)
-        received, started = 0, False
-
-        async def limited():
-            nonlocal received
+        too_large = _error(OpenAIError(413, f"the request body is over {self.limit} bytes", code="body_too_large"))
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.limit:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)  # the server holds the body to its declared length
+        body, more = b"", True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise self._TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_large(scope, receive, send)
+        replayed = False
 
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, limited, watched)
-        except self._TooLarge:
-            if not started:
-                await _error(too_large)(scope, receive, send)
+        await self.app(scope, replay, send)
 
 
 def _same_origin(request: Request) -> bool:
