@@ -172,8 +172,8 @@ def chat_router(r: Ratchet, caller) -> APIRouter:
         if body.stream:
             response_id, adapter, pieces = r.chat_stream(who, messages, **options)
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(response_id, body.model, adapter, pieces, usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _EventStream(_sse(response_id, body.model, adapter, pieces, usage),
+                                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         reply = r.chat(who, messages, **options)
         return {
             "id": reply.response_id,
@@ -200,6 +200,17 @@ def chat_router(r: Ratchet, caller) -> APIRouter:
 def _usage(reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+class _EventStream(StreamingResponse):
+    """A stream whose events are closed as soon as the response ends, also when the client went away
+    mid-way (else only the garbage collector would close them, and the answer would go on)."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _sse(response_id: str, model: str, adapter: str | None, pieces, include_usage: bool):
