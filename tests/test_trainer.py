@@ -70,7 +70,8 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.lora import _loss, _pad, _reference
+    from trainer.fastforward import FastForward, pad
+    from trainer.lora import answer_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -78,22 +79,24 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
     anchor = encode(tok, Example("What is the capital of France?", "Paris is its capital.", distill=True), 64)
     fact = encode(tok, Example(Q, "Illinois"), 64)
     assert anchor["distill"] and not fact["distill"]
+    fast = FastForward(model, [anchor, fact], tok.eos_token_id, batch_size=4)
     vocab = model.get_output_embeddings().weight.shape[0]
-    _reference(model, [anchor], tok.eos_token_id, top_k=vocab, batch_size=4)  # the whole distribution, once
+    assert fast.reference([anchor], top_k=vocab) == 1  # the whole distribution, once
     n_answer = sum(label != -100 for label in anchor["labels"][1:])
     assert anchor["ref_ids"].shape == anchor["ref_logp"].shape == (n_answer, vocab)
-    ids, labels, attention, reference = _pad([anchor, fact], tok.eos_token_id)
-    assert reference[0].tolist() == [True, False]
-    _, _, _, only_anchor = _pad([anchor], tok.eos_token_id)
+    ids, labels, attention = pad([anchor, fact], tok.eos_token_id)
+
+    def loss(batch, weight):
+        return answer_loss(fast.forward(batch), batch, weight).item()
+
     with torch.no_grad():
         # a fresh adapter is the base model: nothing to distil, the anchor adds no loss
-        assert _loss(model, ids[:1], labels[:1], attention[:1], only_anchor, 1.0).item() == pytest.approx(0, abs=1e-5)
-        both = _loss(model, ids, labels, attention, reference, 1.0).item()
+        assert loss([anchor], 1.0) == pytest.approx(0, abs=1e-5)
         hf = model(input_ids=ids[1:], attention_mask=attention[1:], labels=labels[1:]).loss.item()
-        assert both == pytest.approx(hf, rel=1e-4)  # only the correction's cross-entropy remains
+        assert loss([anchor, fact], 1.0) == pytest.approx(hf, rel=1e-4)  # only the correction's cross-entropy remains
         # with no distillation (weight 0) the anchor is trained on its text with cross-entropy
         text = model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
-        assert _loss(model, ids, labels, attention, reference, 0.0).item() == pytest.approx(text, rel=1e-4)
+        assert loss([anchor, fact], 0.0) == pytest.approx(text, rel=1e-4)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05)  # move the adapter away from the base: now the anchor costs something
@@ -102,11 +105,10 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
         with model.disable_adapter():
             base = model(input_ids=ids[:1], attention_mask=attention[:1]).logits[:, :-1][where].log_softmax(-1)
         exact = torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="batchmean").item()
-        drift = _loss(model, ids[:1], labels[:1], attention[:1], only_anchor, 1.0).item()
+        drift = loss([anchor], 1.0)
         assert exact > 1e-3 and drift == pytest.approx(exact, rel=1e-3)  # all k tokens: the exact KL
-        _reference(model, [anchor], tok.eos_token_id, top_k=8, batch_size=4)  # top 8 + one bucket: coarser
-        coarse = _loss(model, ids[:1], labels[:1], attention[:1], _pad([anchor], tok.eos_token_id)[3], 1.0).item()
-        assert 0 < coarse <= exact
+        fast.reference([anchor], top_k=8)  # top 8 + one bucket: coarser
+        assert 0 < loss([anchor], 1.0) <= exact
 
 
 def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
@@ -123,11 +125,11 @@ def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
 def test_batches_group_rows_of_similar_length_and_keep_every_row_once():
     import random
 
-    from trainer.lora import _length_grouped
+    from trainer.lora import length_grouped
 
     random.seed(0)
     lengths = [random.choice((40, 45, 100, 110)) for _ in range(200)]
-    batches = _length_grouped(list(range(200)), lengths, batch_size=8)
+    batches = length_grouped(list(range(200)), lengths, batch_size=8)
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert len(batches) == 25 and all(len(b) == 8 for b in batches)
 
@@ -139,97 +141,94 @@ def test_batches_group_rows_of_similar_length_and_keep_every_row_once():
     assert padded(batches) < 0.8 * padded([shuffled[i : i + 8] for i in range(0, 200, 8)])
 
 
-def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path, monkeypatch):
+def _rows(tiny_model, examples, config):
+    """The model train_lora trains with `config`, its pad id and the encoded `examples`."""
+    from trainer.lora import load_model
+
+    tok, model = load_model(tiny_model, config)
+    return model, tok.eos_token_id, [encode(tok, e, config.max_len) for e in examples]
+
+
+def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path):
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    forwards = []
-    real = lora._answer_logits
-    monkeypatch.setattr(lora, "_answer_logits", lambda *a: forwards.append(1) or real(*a))
-
-    def rows(*answers):
-        return [encode(tok, Example(f"Say {a}.", a, distill=True), 64) for a in answers]
+    def reference(answers, top_k):
+        model, pad_id, rows = _rows(tiny_model, [Example(f"Say {a}.", a, distill=True) for a in answers], FAST)
+        return FastForward(model, rows, pad_id, cache_key="base").reference(rows, top_k, cache=cache), rows
 
     cache = tmp_path / "reference.pt"
-    first = rows("one", "two")
-    lora._reference(model, first, tok.eos_token_id, 8, 4, lora._RowCache(cache, "base|8"))
-    assert len(forwards) == 1 and cache.exists()
-    again = rows("one", "two", "three")
-    lora._reference(model, again, tok.eos_token_id, 8, 4, lora._RowCache(cache, "base|8"))
-    assert len(forwards) == 2  # only "three" was computed
+    computed, first = reference(("one", "two"), 8)
+    assert computed == 2 and cache.exists()
+    computed, again = reference(("one", "two", "three"), 8)
+    assert computed == 1  # only "three" was computed
     assert torch.equal(again[0]["ref_logp"], first[0]["ref_logp"]) and torch.equal(again[1]["ref_ids"], first[1]["ref_ids"])
-    lora._reference(model, rows("one"), tok.eos_token_id, 16, 4, lora._RowCache(cache, "base|16"))  # another k: anew
-    assert len(forwards) == 3
+    assert reference(("one",), 16)[0] == 1  # another k: anew
 
 
-def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_path, monkeypatch):
+def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_path):
     from dataclasses import replace
 
     import torch
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    computed = []
-    real = lora._forward
-    monkeypatch.setattr(lora, "_forward", lambda decoder, part, x, *a, **k: (
-        computed.append(len(x)) if part.stop == 1 and x.dtype == torch.long else None) or real(decoder, part, x, *a, **k))
     anchors = [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     config = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
     cache = tmp_path / "states.pt"
     first = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}",)) + anchors
-    train_lora(tiny_model, first, tmp_path / "a", config, states_cache=cache)
-    assert sum(computed) == 7 and len(torch.load(cache)) == 7
-    computed.clear()
     second = examples_for([Correction(2, "Which family does Ramalinaceae belong to?", "Lecanorales", None, "")],
                           ("{q}",)) + first
-    kept = train_lora(tiny_model, second, tmp_path / "b", config, states_cache=cache)
-    assert sum(computed) == 1  # only the new correction's row went through the frozen layer
+
+    def states_computed(examples):
+        model, pad_id, rows = _rows(tiny_model, examples, config)
+        return FastForward(model, rows, pad_id, states_cache=cache, cache_key=tiny_model).states_computed
+
+    assert states_computed(first) == 7 and len(torch.load(cache)) == 7
+    assert states_computed(second) == 1  # only the new correction's row went through the frozen layer
     assert len(torch.load(cache)) == 8  # this training's rows
+    cache.unlink()
+    train_lora(tiny_model, first, tmp_path / "a", config, states_cache=cache)
+    kept = train_lora(tiny_model, second, tmp_path / "b", config, states_cache=cache)
     fresh = train_lora(tiny_model, second, tmp_path / "c", config)
     assert kept.losses == pytest.approx(fresh.losses, rel=1e-4, abs=1e-6)
 
 
-def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path, monkeypatch):
+def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path):
     from dataclasses import replace
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    depths = []
-    real = lora._frozen_states
-    monkeypatch.setattr(lora, "_frozen_states", lambda m, rows, pad, depth, *a: depths.append(depth) or real(m, rows, pad, depth, *a))
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     upper = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
+    whole_rows = replace(upper, cache_frozen_layers=False)
+    for config, depth in ((upper, 1), (whole_rows, 0)):
+        model, pad_id, rows = _rows(tiny_model, examples, config)
+        assert FastForward(model, rows, pad_id, cache_frozen_layers=config.cache_frozen_layers).depth == depth
     split = train_lora(tiny_model, examples, tmp_path / "a", upper)
-    whole = train_lora(tiny_model, examples, tmp_path / "b", replace(upper, cache_frozen_layers=False))
-    assert depths == [1]  # only the first run skipped the bottom layer
+    whole = train_lora(tiny_model, examples, tmp_path / "b", whole_rows)
     assert split.steps == whole.steps == 4
     assert split.losses == pytest.approx(whole.losses, rel=1e-4)
 
 
 @pytest.mark.parametrize("layers_from", [0.0, 0.5])
-def test_the_shared_opening_runs_once_and_trains_as_whole_rows_do(tiny_model, tmp_path, monkeypatch, layers_from):
+def test_the_shared_opening_runs_once_and_trains_as_whole_rows_do(tiny_model, tmp_path, layers_from):
     from dataclasses import replace
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    lengths = []
-    real = lora._opening
-    monkeypatch.setattr(lora, "_opening", lambda m, ids, depth: lengths.append(len(ids)) or real(m, ids, depth))
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += memory_examples([Correction(i, f"What is {i} plus one?", str(i + 1), None, "") for i in range(2, 6)])
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     config = replace(FAST, layers_from=layers_from, epochs=2)
+    model, pad_id, rows = _rows(tiny_model, examples, config)
+    # the chat template's system message and the user's turn opening
+    assert FastForward(model, rows, pad_id).opening_length >= 10
+    assert FastForward(model, rows, pad_id, share_opening=False).opening_length == 0
     shared = train_lora(tiny_model, examples, tmp_path / "a", config)
     whole = train_lora(tiny_model, examples, tmp_path / "b", replace(config, share_opening=False))
-    assert lengths and lengths[0] >= 10  # the chat template's system message and the user's turn opening
-    assert len(lengths) == 1  # only the first run shared it
     assert shared.steps == whole.steps
     assert shared.losses == pytest.approx(whole.losses, rel=1e-4, abs=1e-6)
 
@@ -268,7 +267,7 @@ def test_greedy_answers_after_a_shared_opening_are_transformers_own(which, reque
     assert max(n for n, _ in forwards[1:]) <= 2 and min(n for n, _ in forwards[1:]) >= 1
     model.forward = real
     eos = torch.tensor(evaluate.eos_ids(model, tok))
-    assert ours == evaluate._hf_generate(model, tok, GREEDY_PROMPTS, 16, 2, eos)  # token for token
+    assert ours == evaluate.hf_generate(model, tok, GREEDY_PROMPTS, 16, 2, eos)  # token for token
     assert len({tuple(r) for r in ours}) > 1 and not any(set(r) & set(eos.tolist()) for r in ours)
     texts = evaluate.generate(model, tok, GREEDY_PROMPTS, max_new_tokens=16, batch_size=2)
     assert texts == [a.strip() for a in tok.batch_decode(ours, skip_special_tokens=True)]
