@@ -325,10 +325,29 @@ def test_the_registry_keeps_versions_and_one_active(tmp_path):
     registry.activate(2)
     assert registry.active().version == 2
     assert [v.active for v in registry.versions()] == [False, True]
+    assert AdapterRegistry(registry.db, tmp_path / "adapters").active().version == 2  # read again on a restart
     registry.activate(None)
     assert registry.active() is None
     with pytest.raises(FileNotFoundError):
         registry.register(3, parent=2, cycle_id=3, manifest={})
+
+
+def test_the_registry_records_a_version_with_its_final_status_and_keeps_the_strings(tmp_path):
+    from trainer.registry import AdapterStatus
+
+    registry = AdapterRegistry(open_db(tmp_path / "r.db"), tmp_path / "adapters")
+    _fake_adapter(registry, 1)
+    rejected = registry.register(1, parent=None, cycle_id=1, manifest={}, status=AdapterStatus.REJECTED)
+    assert rejected.status == AdapterStatus.REJECTED == "rejected" and f"{rejected.status}" == "rejected"
+    assert registry.db.execute("select status from adapters where version = 1").fetchone()[0] == "rejected"
+    assert json.dumps({"status": rejected.status}) == '{"status": "rejected"}'
+    _fake_adapter(registry, 2)
+    with pytest.raises(ValueError, match="activate"):  # promotion is activate's
+        registry.register(2, parent=None, cycle_id=2, manifest={}, status=AdapterStatus.PROMOTED)
+    assert [v.version for v in registry.versions()] == [1]
+    registry.register(2, parent=None, cycle_id=2, manifest={})
+    registry.activate(2)
+    assert registry.get(2).status == "promoted" and registry.active() == registry.get(2)
 
 
 def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tiny_model, tmp_path):
@@ -404,6 +423,7 @@ def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_mode
     assert "efficacy" in row["message"] and row["metrics"]["gate_efficacy"] == 0.0
     assert promoted == [] and registry.active() is None
     assert registry.get(1).status == "rejected"
+    assert memory.db.execute("select status from cycles where id = ?", [row["id"]]).fetchone()[0] == "rejected"
     gate = json.loads((registry.folder_for(1) / "ratchet.json").read_text())["gate"]
     assert gate["passed"] is False and gate["reasons"]
     assert len(memory.corrections.live(include_consolidated=False)) == 1  # still waiting for a good cycle
@@ -454,3 +474,41 @@ def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, m
     path.write_text("\n")
     with pytest.raises(ValueError, match="no anchor prompts"):
         load_prompts(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainingConfig(layers_from=1.0), "layers_from must be in \\[0, 1\\).*adapt no layer"),
+    (lambda: TrainingConfig(r=0), "r must be at least 1"),
+    (lambda: TrainingConfig(epochs=0), "epochs must be at least 1"),
+    (lambda: TrainingConfig(batch_size=0), "batch_size must be at least 1"),
+    (lambda: TrainingConfig(max_len=0), "max_len must be at least 1"),
+    (lambda: TrainingConfig(learning_rate=0), "learning_rate must be positive"),
+    (lambda: TrainingConfig(distill_weight=-1), "distill_weight must not be negative"),
+    (lambda: TrainingConfig(distill_top_k=0), "distill_top_k must be at least 1"),
+    (lambda: TrainingConfig(anchors_per_epoch=-1), "anchors_per_epoch must not be negative"),
+    (lambda: TrainingConfig(grad_clip=-0.5), "grad_clip must not be negative"),
+    (lambda: TrainingConfig(dropout=1.0), "dropout must be in \\[0, 1\\)"),
+    (lambda: CycleConfig(templates=0), "templates must be between 1 and 4"),
+    (lambda: CycleConfig(templates=5), "templates must be between 1 and 4"),
+    (lambda: CycleConfig(replay_earlier=-1), "replay_earlier must not be negative"),
+    (lambda: CycleConfig(anchor_tokens=0), "anchor_tokens must be at least 1"),
+])
+def test_a_config_that_cannot_work_is_refused_when_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_gate_config_takes_shares_and_counts():
+    from dataclasses import replace
+
+    from trainer.gate import GateConfig
+
+    for field, value in (("min_efficacy", 1.5), ("min_locality", -0.1), ("max_negative_flips", 2), ("max_memory_drop", -1)):
+        with pytest.raises(ValueError, match=f"{field} must be in \\[0, 1\\]"):
+            GateConfig(**{field: value})
+    with pytest.raises(ValueError, match="memory_probes must not be negative"):
+        replace(GateConfig(), memory_probes=-1)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        GateConfig(max_new_tokens=0)
+    assert GateConfig(min_efficacy=0, max_negative_flips=1, min_memory_probes=0).min_efficacy == 0  # the bounds are allowed
+    assert TrainingConfig(grad_clip=0, layers_from=0).grad_clip == 0  # 0: no clipping
