@@ -17,7 +17,7 @@ from trainer.fastforward import FastForward, answer_targets
 
 @dataclass
 class TrainingConfig:
-    """How an adapter is trained; the defaults are the recipe measured in reports/consolidation/."""
+    """How an adapter is trained; the defaults are the recipe of reports/consolidation/report.md."""
 
     r: int = 16  # LoRA rank
     alpha: int = 32  # LoRA scaling numerator (the update is scaled by alpha / r)
