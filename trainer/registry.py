@@ -158,13 +158,7 @@ def _write_durably(path: Path, text: str) -> None:
 
 
 def _version(row: dict) -> AdapterVersion:
-    return AdapterVersion(
-        version=row["version"],
-        path=row["path"],
-        parent=row["parent"],
-        cycle_id=row["cycle_id"],
-        status=AdapterStatus(row["status"]),
-        active=bool(row["active"]),
-        created_at=row["created_at"],
-        metrics=json.loads(row["metrics"] or "{}"),
-    )
+    """A version as the `adapters` table stores it."""
+    plain = {k: row[k] for k in ("version", "path", "parent", "cycle_id", "created_at")}
+    return AdapterVersion(**plain, status=AdapterStatus(row["status"]), active=bool(row["active"]),
+                          metrics=json.loads(row["metrics"] or "{}"))
