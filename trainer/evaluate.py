@@ -95,7 +95,7 @@ def _greedy(model, rows: list[list[int]], opening, n: int, max_new_tokens: int, 
 
 
 def hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int, batch_size: int,
-                 eos) -> list[list[int]]:
+                eos) -> list[list[int]]:
     """`greedy_ids` by transformers' generate, batched with left padding (any decoder)."""
     import torch
 
