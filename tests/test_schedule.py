@@ -58,8 +58,9 @@ def test_the_schedule_submits_only_when_something_waits(cycles, memory):
         schedule.stop()
 
 
-def test_a_bad_schedule_fails_at_start(cycles):
-    with pytest.raises(ValueError):
-        Schedule(cycles, ScheduleConfig(every="whenever"))
-    with pytest.raises(ValueError):
-        Schedule(cycles, ScheduleConfig(after_corrections=0))
+def test_a_bad_schedule_is_refused_when_configured():
+    with pytest.raises(ValueError, match="every: 'whenever' is neither an interval"):
+        ScheduleConfig(every="whenever")
+    with pytest.raises(ValueError, match="after_corrections must be at least 1"):
+        ScheduleConfig(after_corrections=0)
+    assert ScheduleConfig(every="6h", after_corrections=1).after_corrections == 1

@@ -70,7 +70,8 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.lora import _loss, _pad, _reference
+    from trainer.fastforward import FastForward, pad
+    from trainer.lora import answer_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -78,22 +79,24 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
     anchor = encode(tok, Example("What is the capital of France?", "Paris is its capital.", distill=True), 64)
     fact = encode(tok, Example(Q, "Illinois"), 64)
     assert anchor["distill"] and not fact["distill"]
+    fast = FastForward(model, [anchor, fact], tok.eos_token_id, batch_size=4)
     vocab = model.get_output_embeddings().weight.shape[0]
-    _reference(model, [anchor], tok.eos_token_id, top_k=vocab, batch_size=4)  # the whole distribution, once
+    assert fast.reference([anchor], top_k=vocab) == 1  # the whole distribution, once
     n_answer = sum(label != -100 for label in anchor["labels"][1:])
     assert anchor["ref_ids"].shape == anchor["ref_logp"].shape == (n_answer, vocab)
-    ids, labels, attention, reference = _pad([anchor, fact], tok.eos_token_id)
-    assert reference[0].tolist() == [True, False]
-    _, _, _, only_anchor = _pad([anchor], tok.eos_token_id)
+    ids, labels, attention = pad([anchor, fact], tok.eos_token_id)
+
+    def loss(batch, weight):
+        return answer_loss(fast.forward(batch), batch, weight).item()
+
     with torch.no_grad():
         # a fresh adapter is the base model: nothing to distil, the anchor adds no loss
-        assert _loss(model, ids[:1], labels[:1], attention[:1], only_anchor, 1.0).item() == pytest.approx(0, abs=1e-5)
-        both = _loss(model, ids, labels, attention, reference, 1.0).item()
+        assert loss([anchor], 1.0) == pytest.approx(0, abs=1e-5)
         hf = model(input_ids=ids[1:], attention_mask=attention[1:], labels=labels[1:]).loss.item()
-        assert both == pytest.approx(hf, rel=1e-4)  # only the correction's cross-entropy remains
+        assert loss([anchor, fact], 1.0) == pytest.approx(hf, rel=1e-4)  # only the correction's cross-entropy remains
         # with no distillation (weight 0) the anchor is trained on its text with cross-entropy
         text = model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
-        assert _loss(model, ids, labels, attention, reference, 0.0).item() == pytest.approx(text, rel=1e-4)
+        assert loss([anchor, fact], 0.0) == pytest.approx(text, rel=1e-4)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05)  # move the adapter away from the base: now the anchor costs something
@@ -102,11 +105,10 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
         with model.disable_adapter():
             base = model(input_ids=ids[:1], attention_mask=attention[:1]).logits[:, :-1][where].log_softmax(-1)
         exact = torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="batchmean").item()
-        drift = _loss(model, ids[:1], labels[:1], attention[:1], only_anchor, 1.0).item()
+        drift = loss([anchor], 1.0)
         assert exact > 1e-3 and drift == pytest.approx(exact, rel=1e-3)  # all k tokens: the exact KL
-        _reference(model, [anchor], tok.eos_token_id, top_k=8, batch_size=4)  # top 8 + one bucket: coarser
-        coarse = _loss(model, ids[:1], labels[:1], attention[:1], _pad([anchor], tok.eos_token_id)[3], 1.0).item()
-        assert 0 < coarse <= exact
+        fast.reference([anchor], top_k=8)  # top 8 + one bucket: coarser
+        assert 0 < loss([anchor], 1.0) <= exact
 
 
 def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
@@ -123,11 +125,11 @@ def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
 def test_batches_group_rows_of_similar_length_and_keep_every_row_once():
     import random
 
-    from trainer.lora import _length_grouped
+    from trainer.lora import length_grouped
 
     random.seed(0)
     lengths = [random.choice((40, 45, 100, 110)) for _ in range(200)]
-    batches = _length_grouped(list(range(200)), lengths, batch_size=8)
+    batches = length_grouped(list(range(200)), lengths, batch_size=8)
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert len(batches) == 25 and all(len(b) == 8 for b in batches)
 
@@ -139,97 +141,94 @@ def test_batches_group_rows_of_similar_length_and_keep_every_row_once():
     assert padded(batches) < 0.8 * padded([shuffled[i : i + 8] for i in range(0, 200, 8)])
 
 
-def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path, monkeypatch):
+def _rows(tiny_model, examples, config):
+    """The model train_lora trains with `config`, its pad id and the encoded `examples`."""
+    from trainer.lora import load_model
+
+    tok, model = load_model(tiny_model, config)
+    return model, tok.eos_token_id, [encode(tok, e, config.max_len) for e in examples]
+
+
+def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path):
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    forwards = []
-    real = lora._answer_logits
-    monkeypatch.setattr(lora, "_answer_logits", lambda *a: forwards.append(1) or real(*a))
-
-    def rows(*answers):
-        return [encode(tok, Example(f"Say {a}.", a, distill=True), 64) for a in answers]
+    def reference(answers, top_k):
+        model, pad_id, rows = _rows(tiny_model, [Example(f"Say {a}.", a, distill=True) for a in answers], FAST)
+        return FastForward(model, rows, pad_id, cache_key="base").reference(rows, top_k, cache=cache), rows
 
     cache = tmp_path / "reference.pt"
-    first = rows("one", "two")
-    lora._reference(model, first, tok.eos_token_id, 8, 4, lora._RowCache(cache, "base|8"))
-    assert len(forwards) == 1 and cache.exists()
-    again = rows("one", "two", "three")
-    lora._reference(model, again, tok.eos_token_id, 8, 4, lora._RowCache(cache, "base|8"))
-    assert len(forwards) == 2  # only "three" was computed
+    computed, first = reference(("one", "two"), 8)
+    assert computed == 2 and cache.exists()
+    computed, again = reference(("one", "two", "three"), 8)
+    assert computed == 1  # only "three" was computed
     assert torch.equal(again[0]["ref_logp"], first[0]["ref_logp"]) and torch.equal(again[1]["ref_ids"], first[1]["ref_ids"])
-    lora._reference(model, rows("one"), tok.eos_token_id, 16, 4, lora._RowCache(cache, "base|16"))  # another k: anew
-    assert len(forwards) == 3
+    assert reference(("one",), 16)[0] == 1  # another k: anew
 
 
-def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_path, monkeypatch):
+def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_path):
     from dataclasses import replace
 
     import torch
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    computed = []
-    real = lora._forward
-    monkeypatch.setattr(lora, "_forward", lambda decoder, part, x, *a, **k: (
-        computed.append(len(x)) if part.stop == 1 and x.dtype == torch.long else None) or real(decoder, part, x, *a, **k))
     anchors = [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     config = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
     cache = tmp_path / "states.pt"
     first = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}",)) + anchors
-    train_lora(tiny_model, first, tmp_path / "a", config, states_cache=cache)
-    assert sum(computed) == 7 and len(torch.load(cache)) == 7
-    computed.clear()
     second = examples_for([Correction(2, "Which family does Ramalinaceae belong to?", "Lecanorales", None, "")],
                           ("{q}",)) + first
-    kept = train_lora(tiny_model, second, tmp_path / "b", config, states_cache=cache)
-    assert sum(computed) == 1  # only the new correction's row went through the frozen layer
+
+    def states_computed(examples):
+        model, pad_id, rows = _rows(tiny_model, examples, config)
+        return FastForward(model, rows, pad_id, states_cache=cache, cache_key=tiny_model).states_computed
+
+    assert states_computed(first) == 7 and len(torch.load(cache)) == 7
+    assert states_computed(second) == 1  # only the new correction's row went through the frozen layer
     assert len(torch.load(cache)) == 8  # this training's rows
+    cache.unlink()
+    train_lora(tiny_model, first, tmp_path / "a", config, states_cache=cache)
+    kept = train_lora(tiny_model, second, tmp_path / "b", config, states_cache=cache)
     fresh = train_lora(tiny_model, second, tmp_path / "c", config)
     assert kept.losses == pytest.approx(fresh.losses, rel=1e-4, abs=1e-6)
 
 
-def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path, monkeypatch):
+def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path):
     from dataclasses import replace
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    depths = []
-    real = lora._frozen_states
-    monkeypatch.setattr(lora, "_frozen_states", lambda m, rows, pad, depth, *a: depths.append(depth) or real(m, rows, pad, depth, *a))
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     upper = replace(FAST, layers_from=0.5, epochs=2)  # 2 layers: the first one is frozen
+    whole_rows = replace(upper, cache_frozen_layers=False)
+    for config, depth in ((upper, 1), (whole_rows, 0)):
+        model, pad_id, rows = _rows(tiny_model, examples, config)
+        assert FastForward(model, rows, pad_id, cache_frozen_layers=config.cache_frozen_layers).depth == depth
     split = train_lora(tiny_model, examples, tmp_path / "a", upper)
-    whole = train_lora(tiny_model, examples, tmp_path / "b", replace(upper, cache_frozen_layers=False))
-    assert depths == [1]  # only the first run skipped the bottom layer
+    whole = train_lora(tiny_model, examples, tmp_path / "b", whole_rows)
     assert split.steps == whole.steps == 4
     assert split.losses == pytest.approx(whole.losses, rel=1e-4)
 
 
 @pytest.mark.parametrize("layers_from", [0.0, 0.5])
-def test_the_shared_opening_runs_once_and_trains_as_whole_rows_do(tiny_model, tmp_path, monkeypatch, layers_from):
+def test_the_shared_opening_runs_once_and_trains_as_whole_rows_do(tiny_model, tmp_path, layers_from):
     from dataclasses import replace
 
-    import trainer.lora as lora
+    from trainer.fastforward import FastForward
 
-    lengths = []
-    real = lora._opening
-    monkeypatch.setattr(lora, "_opening", lambda m, ids, depth: lengths.append(len(ids)) or real(m, ids, depth))
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += memory_examples([Correction(i, f"What is {i} plus one?", str(i + 1), None, "") for i in range(2, 6)])
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(6)]
     config = replace(FAST, layers_from=layers_from, epochs=2)
+    model, pad_id, rows = _rows(tiny_model, examples, config)
+    # the chat template's system message and the user's turn opening
+    assert FastForward(model, rows, pad_id).opening_length >= 10
+    assert FastForward(model, rows, pad_id, share_opening=False).opening_length == 0
     shared = train_lora(tiny_model, examples, tmp_path / "a", config)
     whole = train_lora(tiny_model, examples, tmp_path / "b", replace(config, share_opening=False))
-    assert lengths and lengths[0] >= 10  # the chat template's system message and the user's turn opening
-    assert len(lengths) == 1  # only the first run shared it
     assert shared.steps == whole.steps
     assert shared.losses == pytest.approx(whole.losses, rel=1e-4, abs=1e-6)
 
@@ -268,7 +267,7 @@ def test_greedy_answers_after_a_shared_opening_are_transformers_own(which, reque
     assert max(n for n, _ in forwards[1:]) <= 2 and min(n for n, _ in forwards[1:]) >= 1
     model.forward = real
     eos = torch.tensor(evaluate.eos_ids(model, tok))
-    assert ours == evaluate._hf_generate(model, tok, GREEDY_PROMPTS, 16, 2, eos)  # token for token
+    assert ours == evaluate.hf_generate(model, tok, GREEDY_PROMPTS, 16, 2, eos)  # token for token
     assert len({tuple(r) for r in ours}) > 1 and not any(set(r) & set(eos.tolist()) for r in ours)
     texts = evaluate.generate(model, tok, GREEDY_PROMPTS, max_new_tokens=16, batch_size=2)
     assert texts == [a.strip() for a in tok.batch_decode(ours, skip_special_tokens=True)]
@@ -326,10 +325,29 @@ def test_the_registry_keeps_versions_and_one_active(tmp_path):
     registry.activate(2)
     assert registry.active().version == 2
     assert [v.active for v in registry.versions()] == [False, True]
+    assert AdapterRegistry(registry.db, tmp_path / "adapters").active().version == 2  # read again on a restart
     registry.activate(None)
     assert registry.active() is None
     with pytest.raises(FileNotFoundError):
         registry.register(3, parent=2, cycle_id=3, manifest={})
+
+
+def test_the_registry_records_a_version_with_its_final_status_and_keeps_the_strings(tmp_path):
+    from trainer.registry import AdapterStatus
+
+    registry = AdapterRegistry(open_db(tmp_path / "r.db"), tmp_path / "adapters")
+    _fake_adapter(registry, 1)
+    rejected = registry.register(1, parent=None, cycle_id=1, manifest={}, status=AdapterStatus.REJECTED)
+    assert rejected.status == AdapterStatus.REJECTED == "rejected" and f"{rejected.status}" == "rejected"
+    assert registry.db.execute("select status from adapters where version = 1").fetchone()[0] == "rejected"
+    assert json.dumps({"status": rejected.status}) == '{"status": "rejected"}'
+    _fake_adapter(registry, 2)
+    with pytest.raises(ValueError, match="activate"):  # promotion is activate's
+        registry.register(2, parent=None, cycle_id=2, manifest={}, status=AdapterStatus.PROMOTED)
+    assert [v.version for v in registry.versions()] == [1]
+    registry.register(2, parent=None, cycle_id=2, manifest={})
+    registry.activate(2)
+    assert registry.get(2).status == "promoted" and registry.active() == registry.get(2)
 
 
 def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tiny_model, tmp_path):
@@ -405,6 +423,7 @@ def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_mode
     assert "efficacy" in row["message"] and row["metrics"]["gate_efficacy"] == 0.0
     assert promoted == [] and registry.active() is None
     assert registry.get(1).status == "rejected"
+    assert memory.db.execute("select status from cycles where id = ?", [row["id"]]).fetchone()[0] == "rejected"
     gate = json.loads((registry.folder_for(1) / "ratchet.json").read_text())["gate"]
     assert gate["passed"] is False and gate["reasons"]
     assert len(memory.corrections.live(include_consolidated=False)) == 1  # still waiting for a good cycle
@@ -455,3 +474,41 @@ def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, m
     path.write_text("\n")
     with pytest.raises(ValueError, match="no anchor prompts"):
         load_prompts(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainingConfig(layers_from=1.0), "layers_from must be in \\[0, 1\\).*adapt no layer"),
+    (lambda: TrainingConfig(r=0), "r must be at least 1"),
+    (lambda: TrainingConfig(epochs=0), "epochs must be at least 1"),
+    (lambda: TrainingConfig(batch_size=0), "batch_size must be at least 1"),
+    (lambda: TrainingConfig(max_len=0), "max_len must be at least 1"),
+    (lambda: TrainingConfig(learning_rate=0), "learning_rate must be positive"),
+    (lambda: TrainingConfig(distill_weight=-1), "distill_weight must not be negative"),
+    (lambda: TrainingConfig(distill_top_k=0), "distill_top_k must be at least 1"),
+    (lambda: TrainingConfig(anchors_per_epoch=-1), "anchors_per_epoch must not be negative"),
+    (lambda: TrainingConfig(grad_clip=-0.5), "grad_clip must not be negative"),
+    (lambda: TrainingConfig(dropout=1.0), "dropout must be in \\[0, 1\\)"),
+    (lambda: CycleConfig(templates=0), "templates must be between 1 and 4"),
+    (lambda: CycleConfig(templates=5), "templates must be between 1 and 4"),
+    (lambda: CycleConfig(replay_earlier=-1), "replay_earlier must not be negative"),
+    (lambda: CycleConfig(anchor_tokens=0), "anchor_tokens must be at least 1"),
+])
+def test_a_config_that_cannot_work_is_refused_when_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_gate_config_takes_shares_and_counts():
+    from dataclasses import replace
+
+    from trainer.gate import GateConfig
+
+    for field, value in (("min_efficacy", 1.5), ("min_locality", -0.1), ("max_negative_flips", 2), ("max_memory_drop", -1)):
+        with pytest.raises(ValueError, match=f"{field} must be in \\[0, 1\\]"):
+            GateConfig(**{field: value})
+    with pytest.raises(ValueError, match="memory_probes must not be negative"):
+        replace(GateConfig(), memory_probes=-1)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        GateConfig(max_new_tokens=0)
+    assert GateConfig(min_efficacy=0, max_negative_flips=1, min_memory_probes=0).min_efficacy == 0  # the bounds are allowed
+    assert TrainingConfig(grad_clip=0, layers_from=0).grad_clip == 0  # 0: no clipping

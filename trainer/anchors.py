@@ -1,8 +1,8 @@
 """Self-distillation anchors: the base model's own answers to general prompts, replayed in
 every cycle so that learning a correction does not rewrite everything else.
 
-Measured before this project (issue 5): a LoRA trained on corrections alone changed the greedy
-answer to 50 of 50 unrelated questions; replaying the base model's answers halved the drift.
+Without them an adapter trained on corrections alone changes the answers to unrelated questions
+too (see reports/consolidation/report.md).
 """
 
 from __future__ import annotations
@@ -65,10 +65,9 @@ GENERAL_PROMPTS = (
 )
 
 # Replayed too: everyday questions of the kind users ask a search engine (written for this project;
-# none is a question of the zsRE file, its NQ queries included, nor a probe). An adapter of 100
-# zsRE corrections (replay-nq-quarter-w3's training) kept 0.782 of the tokens of zsRE's unrelated
-# answers with the 48 prompts above alone, 0.892 with these as well (reports/consolidation/,
-# 2026-12-01 (7)).
+# none is a question of the zsRE file, its NQ queries included, nor a probe): with them an adapter
+# keeps more of its unrelated answers than with the prompts above alone (see
+# reports/consolidation/report.md).
 EVERYDAY_QUESTIONS = (
     "Who sang the original version of hallelujah?",
     "When did the first iphone come out?",

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
@@ -24,34 +25,57 @@ from memory import Correction, Memory
 from memory.db import atomic, now
 from trainer.anchors import BUILT_IN_ANCHORS, base_answers
 from trainer.dataset import TEMPLATES, Example, examples_for, memory_examples
-from trainer.gate import GateConfig, run_gate
+from trainer.gate import GateConfig, GateReport, run_gate
 from trainer.lora import TrainingConfig, train_lora
-from trainer.registry import AdapterRegistry, AdapterVersion
+from trainer.registry import AdapterRegistry, AdapterStatus, AdapterVersion
 
 log = logging.getLogger("ratchet.cycles")
 
-STATUSES = ("queued", "running", "succeeded", "rejected", "failed")
+
+class CycleStatus(StrEnum):
+    """Where a cycle is: a str, so the stored strings and the HTTP API are these values."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # promoted a new version, or found nothing to learn
+    REJECTED = "rejected"  # trained a candidate the gate refused
+    FAILED = "failed"  # an error, or interrupted by a restart
+
+
+UNFINISHED = (CycleStatus.QUEUED, CycleStatus.RUNNING)
 
 
 @dataclass
 class CycleConfig:
+    """What a consolidation cycle trains on and how its candidate is judged."""
+
     training: TrainingConfig = field(default_factory=TrainingConfig)
     templates: int = 2  # phrasings of each correction's question trained on (dataset.TEMPLATES)
     anchors: bool = True  # replay the base model's answers to general prompts
     # The prompts replayed; RATCHET_ANCHOR_PROMPTS adds a file of them (prompts like the users'
-    # own questions keep those answers in place best: reports/consolidation/).
+    # own questions keep those answers in place best: see reports/consolidation/report.md).
     anchor_prompts: tuple[str, ...] = BUILT_IN_ANCHORS
     anchor_tokens: int = 16  # length of those replayed answers (shorter: cheaper steps)
     continue_from_active: bool = True  # start from the active adapter (else retrain from the base)
-    # Earlier corrections replayed per new one, when continuing. 1.0 lost 14% of 115 earlier
-    # corrections in cycle 4 of reports/zsre-n200-k50 and 25% in reports/consolidation (30 x 3);
-    # 3.0 (with memory examples) lost none there.
+    # Earlier corrections replayed per new one, when continuing, so that they are not forgotten
+    # (see reports/consolidation/report.md).
     replay_earlier: float = 3.0
     # Examples that keep the adapter reading retrieved memories (dataset.memory_examples): one per
     # new correction (per live correction when retraining from the base).
     memory_examples: bool = True
     gate_enabled: bool = True
     gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        if not 1 <= self.templates <= len(TEMPLATES):
+            raise ValueError(f"templates must be between 1 and {len(TEMPLATES)} (got {self.templates}): "
+                             f"there are {len(TEMPLATES)} phrasings (trainer.dataset.TEMPLATES)")
+        if self.replay_earlier < 0:
+            raise ValueError(f"replay_earlier must not be negative (got {self.replay_earlier}): "
+                             "it is how many earlier corrections are replayed per new one")
+        if self.anchor_tokens < 1:
+            raise ValueError(f"anchor_tokens must be at least 1 (got {self.anchor_tokens}): "
+                             "an anchor without an answer teaches nothing")
 
 
 class Cycles:
@@ -83,7 +107,7 @@ class Cycles:
         """Queue a cycle; returns its id at once."""
         with atomic(self.db):
             cycle_id = self.db["cycles"].insert(
-                {"status": "queued", "trigger": trigger, "created_at": now(), "progress": 0.0}
+                {"status": CycleStatus.QUEUED.value, "trigger": trigger, "created_at": now(), "progress": 0.0}
             ).last_pk
         self._queue.put(cycle_id)
         self._ensure_worker()
@@ -99,13 +123,14 @@ class Cycles:
 
     def busy(self) -> bool:
         """Is a cycle queued or running?"""
-        return self.db.execute("select count(*) from cycles where status in ('queued', 'running')").fetchone()[0] > 0
+        return self.db.execute("select count(*) from cycles where status in (?, ?)", UNFINISHED).fetchone()[0] > 0
 
     def get(self, cycle_id: int) -> dict:
         rows = list(self.db["cycles"].rows_where("id = ?", [cycle_id]))
         if not rows:
             raise KeyError(f"no cycle {cycle_id}")
         row = rows[0]
+        row["status"] = CycleStatus(row["status"])
         row["metrics"] = json.loads(row["metrics"] or "{}")
         return row
 
@@ -116,7 +141,7 @@ class Cycles:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             row = self.get(cycle_id)
-            if row["status"] not in ("queued", "running"):
+            if row["status"] not in UNFINISHED:
                 return row
             time.sleep(0.2)
         raise TimeoutError(f"cycle {cycle_id} still {row['status']} after {timeout} s")
@@ -125,9 +150,9 @@ class Cycles:
         """After a crash: interrupted cycles are failed, unregistered adapter folders removed."""
         with atomic(self.db):
             self.db.execute(
-                "update cycles set status = 'failed', finished_at = ?, message = 'interrupted by a restart'"
-                " where status in ('queued', 'running')",
-                [now()],
+                "update cycles set status = ?, finished_at = ?, message = 'interrupted by a restart'"
+                " where status in (?, ?)",
+                [CycleStatus.FAILED, now(), *UNFINISHED],
             )
         known = {v.version for v in self.registry.versions()}
         for folder in self.registry.root.glob("v[0-9]*"):
@@ -192,77 +217,132 @@ class Cycles:
 
     def run(self, cycle_id: int) -> dict:
         """Run one cycle to its end; never raises (a failure is the cycle's status)."""
-        started = time.monotonic()
-        self._update(cycle_id, status="running", started_at=now(), message="collecting corrections")
-        version = None
+        cycle = _Cycle(cycle_id, time.monotonic())
+        self._update(cycle_id, status=CycleStatus.RUNNING, started_at=now(), message="collecting corrections")
         try:
-            corrections = self.corrections()
-            new = [c for c in corrections if c.consolidated_in is None]
-            if not new and not (self.memory.corrections.to_unlearn() and self.registry.active()):
-                self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0,
-                             message="no new corrections", n_corrections=0)
+            if not self._collect(cycle):
+                self._finish(cycle, CycleStatus.SUCCEEDED, "no new corrections", n_corrections=0)
                 return self.get(cycle_id)
-            self._update(cycle_id, message="preparing the training set")
-            examples, plan = self.plan(corrections, new)
-            self._update(cycle_id, n_corrections=len(new), n_examples=len(examples), message="training")
-
-            version = self.registry.next_version()
-            out = self.registry.folder_for(version)
-            train_share = 0.85 if self.config.gate_enabled else 1.0
-
-            def progress(step: int, total: int, loss: float) -> None:
-                self._update(cycle_id, progress=round(train_share * step / total, 4),
-                             message=f"training step {step}/{total} loss {loss:.3f}")
-
-            result = train_lora(self.base_model, examples, out, self.config.training, progress,
-                                init_adapter=plan["init_adapter"],
-                                reference_cache=self.work_dir / "anchor_reference.pt",
-                                states_cache=self.work_dir / "frozen_states.pt")
-            active = self.registry.active()
-            metrics = {
-                "train_seconds": round(result.seconds, 2),
-                "train_steps": result.steps,
-                "train_tokens_per_second": round(result.tokens_per_second, 1),
-                "final_loss": round(result.final_loss, 4),
-            }
-            gate = None
-            if self.config.gate_enabled:
-                self._update(cycle_id, progress=train_share, message="gate: evaluating the candidate")
-                earlier = [c for c in corrections if c.consolidated_in is not None]
-                gate = run_gate(self.base_model, out, active.path if active else None, new, earlier, self.config.gate)
-                metrics.update({f"gate_{k}": v for k, v in gate.metrics.items()})
-                metrics["gate_seconds"] = gate.seconds
-            metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            adapter = self.registry.register(
-                version,
-                parent=active.version if active else None,
-                cycle_id=cycle_id,
-                manifest={
-                    "base_model": self.base_model,
-                    "corrections": [c.id for c in corrections],
-                    "new_corrections": [c.id for c in new],
-                    "plan": plan,
-                    "training": asdict(self.config.training),
-                    "gate": gate.to_dict() if gate else None,
-                    "metrics": metrics,
-                },
-            )
-            metrics["cycle_seconds"] = round(time.monotonic() - started, 2)
-            if gate is not None and not gate.passed:
-                self.registry.set_status(version, "rejected")
-                self._update(cycle_id, status="rejected", finished_at=now(), progress=1.0, adapter_version=version,
-                             message=f"gate rejected {adapter.name}: " + "; ".join(gate.reasons), metrics=metrics)
-                return self.get(cycle_id)
-            self._update(cycle_id, message="promoting")
-            self.on_promote(adapter)
-            self.memory.corrections.mark_consolidated([c.id for c in new], cycle_id)
-            self.memory.corrections.mark_unlearnt(plan["unlearnt_retractions"], cycle_id)
-            self._update(cycle_id, status="succeeded", finished_at=now(), progress=1.0, adapter_version=version,
-                         message=f"promoted {adapter.name}", metrics=metrics)
+            self._plan(cycle)
+            self._train(cycle)
+            self._judge(cycle)
+            adapter = self._register(cycle)
+            if cycle.gate is not None and not cycle.gate.passed:
+                self._reject(cycle, adapter)
+            else:
+                self._promote(cycle, adapter)
         except Exception as e:  # the cycle's failure is data, not a crash of the server
-            log.exception("cycle %s failed", cycle_id)
-            if version is not None and version not in {v.version for v in self.registry.versions()}:
-                self.registry.discard(version)
-            self._update(cycle_id, status="failed", finished_at=now(), message=f"{type(e).__name__}: {e}",
-                         metrics={"traceback": traceback.format_exc()[-4000:]})
+            self._fail(cycle, e)
         return self.get(cycle_id)
+
+    # -- the steps of a cycle ------------------------------------------------------------
+    def _collect(self, cycle: _Cycle) -> bool:
+        """The admitted corrections and the new ones among them; is there anything to learn
+        (new corrections, or a retraction to unlearn from the active version)?"""
+        cycle.corrections = self.corrections()
+        cycle.new = [c for c in cycle.corrections if c.consolidated_in is None]
+        return bool(cycle.new) or bool(self.memory.corrections.to_unlearn() and self.registry.active())
+
+    def _plan(self, cycle: _Cycle) -> None:
+        self._update(cycle.id, message="preparing the training set")
+        cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new)
+        self._update(cycle.id, n_corrections=len(cycle.new), n_examples=len(cycle.examples), message="training")
+
+    def _train(self, cycle: _Cycle) -> None:
+        """Train the candidate into the next version's folder; its progress is the cycle's."""
+        cycle.version = self.registry.next_version()
+        share = self._train_share()
+
+        def progress(step: int, total: int, loss: float) -> None:
+            self._update(cycle.id, progress=round(share * step / total, 4),
+                         message=f"training step {step}/{total} loss {loss:.3f}")
+
+        result = train_lora(self.base_model, cycle.examples, self.registry.folder_for(cycle.version),
+                            self.config.training, progress, init_adapter=cycle.plan["init_adapter"],
+                            reference_cache=self.work_dir / "anchor_reference.pt",
+                            states_cache=self.work_dir / "frozen_states.pt")
+        cycle.parent = self.registry.active()
+        cycle.metrics = {
+            "train_seconds": round(result.seconds, 2),
+            "train_steps": result.steps,
+            "train_tokens_per_second": round(result.tokens_per_second, 1),
+            "final_loss": round(result.final_loss, 4),
+        }
+
+    def _judge(self, cycle: _Cycle) -> None:
+        """The gate's verdict on the candidate (none when the gate is off)."""
+        if self.config.gate_enabled:
+            self._update(cycle.id, progress=self._train_share(), message="gate: evaluating the candidate")
+            earlier = [c for c in cycle.corrections if c.consolidated_in is not None]
+            parent = cycle.parent.path if cycle.parent else None
+            cycle.gate = run_gate(self.base_model, self.registry.folder_for(cycle.version), parent, cycle.new,
+                                  earlier, self.config.gate)
+            cycle.metrics.update({f"gate_{k}": v for k, v in cycle.gate.metrics.items()})
+            cycle.metrics["gate_seconds"] = cycle.gate.seconds
+        cycle.metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    def _register(self, cycle: _Cycle) -> AdapterVersion:
+        """The candidate registered with its verdict and its manifest."""
+        rejected = cycle.gate is not None and not cycle.gate.passed
+        adapter = self.registry.register(
+            cycle.version,
+            parent=cycle.parent.version if cycle.parent else None,
+            cycle_id=cycle.id,
+            manifest={
+                "base_model": self.base_model,
+                "corrections": [c.id for c in cycle.corrections],
+                "new_corrections": [c.id for c in cycle.new],
+                "plan": cycle.plan,
+                "training": asdict(self.config.training),
+                "gate": cycle.gate.to_dict() if cycle.gate else None,
+                "metrics": cycle.metrics,
+            },
+            status=AdapterStatus.REJECTED if rejected else AdapterStatus.CANDIDATE,
+        )
+        cycle.metrics["cycle_seconds"] = round(time.monotonic() - cycle.started, 2)
+        return adapter
+
+    def _reject(self, cycle: _Cycle, adapter: AdapterVersion) -> None:
+        self._finish(cycle, CycleStatus.REJECTED, f"gate rejected {adapter.name}: " + "; ".join(cycle.gate.reasons),
+                     adapter_version=cycle.version, metrics=cycle.metrics)
+
+    def _promote(self, cycle: _Cycle, adapter: AdapterVersion) -> None:
+        """Hand the new version over to whoever serves it; then its corrections are in the weights."""
+        self._update(cycle.id, message="promoting")
+        self.on_promote(adapter)
+        self.memory.corrections.mark_consolidated([c.id for c in cycle.new], cycle.id)
+        self.memory.corrections.mark_unlearnt(cycle.plan["unlearnt_retractions"], cycle.id)
+        self._finish(cycle, CycleStatus.SUCCEEDED, f"promoted {adapter.name}", adapter_version=cycle.version,
+                     metrics=cycle.metrics)
+
+    def _fail(self, cycle: _Cycle, error: Exception) -> None:
+        """The cycle failed: its folder goes unless it was registered, the traceback is kept."""
+        log.exception("cycle %s failed", cycle.id)
+        if cycle.version is not None and cycle.version not in {v.version for v in self.registry.versions()}:
+            self.registry.discard(cycle.version)
+        self._update(cycle.id, status=CycleStatus.FAILED, finished_at=now(),
+                     message=f"{type(error).__name__}: {error}",
+                     metrics={"traceback": traceback.format_exc()[-4000:]})
+
+    def _finish(self, cycle: _Cycle, status: CycleStatus, message: str, **fields) -> None:
+        self._update(cycle.id, status=status, finished_at=now(), progress=1.0, message=message, **fields)
+
+    def _train_share(self) -> float:
+        """The part of a cycle's progress that training takes (the gate takes the rest)."""
+        return 0.85 if self.config.gate_enabled else 1.0
+
+
+@dataclass
+class _Cycle:
+    """What one run of a cycle has found and made so far."""
+
+    id: int
+    started: float  # time.monotonic()
+    corrections: list[Correction] = field(default_factory=list)
+    new: list[Correction] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+    version: int | None = None  # the candidate's, once training starts
+    parent: AdapterVersion | None = None  # the version active when training ended
+    metrics: dict = field(default_factory=dict)
+    gate: GateReport | None = None

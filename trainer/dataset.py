@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from memory import Correction
 from memory.text import with_memories
 
-# Rephrasings that keep the question's words; issue 5 adds model-written paraphrases.
+# Rephrasings that keep the question's words: a correction trained under several phrasings is
+# learned as a fact, not as one string.
 TEMPLATES = (
     "{q}",
     "Question: {q}",
@@ -49,8 +50,7 @@ def memory_examples(corrections: list[Correction], seed: int = 0) -> list[Exampl
     """Examples that keep the adapter following retrieved memories.
 
     An adapter trained on bare question → answer pairs learns to answer such questions from its
-    weights and stops reading the memories put in the prompt (measured on the zsRE N=200 run: a
-    correction shown as a memory was followed 28% of the time with the adapter, 64% without).
+    weights and stops reading the memories put in the prompt (see reports/zsre-n200-k50/).
     Each example shows, as the agent does, an unrelated memory and then a memory of the asked
     question whose answer is another correction's; the target is that answer. It can only come
     from the prompt, so the newest correction in memory wins over what the weights hold.

@@ -39,7 +39,7 @@ def greedy_ids(model, tokenizer, questions: list[str | list[dict]], max_new_toke
         tokenizer.pad_token = tokenizer.eos_token
     eos = torch.tensor(eos_ids(model, tokenizer))
     if not is_plain(model):
-        return _hf_generate(model, tokenizer, questions, max_new_tokens, batch_size, eos)
+        return hf_generate(model, tokenizer, questions, max_new_tokens, batch_size, eos)
     prompts = [tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
     n = shared_length(prompts)
     answers: dict[int, list[int]] = {}
@@ -94,8 +94,8 @@ def _greedy(model, rows: list[list[int]], opening, n: int, max_new_tokens: int, 
     return out
 
 
-def _hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int, batch_size: int,
-                 eos) -> list[list[int]]:
+def hf_generate(model, tokenizer, questions: list[str | list[dict]], max_new_tokens: int, batch_size: int,
+                eos) -> list[list[int]]:
     """`greedy_ids` by transformers' generate, batched with left padding (any decoder)."""
     import torch
 

@@ -26,25 +26,35 @@ ANSWERS_FILE = "gate_answers.json"
 
 @dataclass
 class GateConfig:
+    """The bars a candidate must clear; every threshold is a share of answers, in [0, 1]."""
+
     min_efficacy: float = 0.9  # new corrections answered right (the question as asked)
     min_paraphrase: float = 0.6  # new corrections answered right, rephrased
     min_retention: float = 0.9  # earlier corrections still answered right
-    # Token-level agreement with the base model on the 32 unrelated probes. Measured on
-    # SmolLM2-135M with CE replay (one correction, 48 anchors, 8 epochs): 0.76-0.78, strict
-    # 0.06-0.09; KL replay reaches 0.79-0.89 on zsRE's unrelated questions (reports/consolidation/).
-    # 0.7 lets those through and stops a collapsed adapter; raise it as replay improves.
-    min_locality: float = 0.7  # (against the base model)
+    # Token-level agreement with the base model on the unrelated probes: low enough for the
+    # adapters replay makes, high enough to stop a collapsed one (see reports/consolidation/report.md).
+    min_locality: float = 0.7
     max_negative_flips: float = 0.02  # earlier corrections the active version got right and the candidate loses
     # Retrieved memories must still win over the weights: a new correction's question asked after
     # a memory of it carrying another new correction's answer (as when a user corrects a fact the
     # adapter holds). The share of answers giving the memory's answer may fall at most this much
-    # below the base model's. Before memory examples (trainer.dataset.memory_examples) adapters
-    # followed 0.25-0.40 of unseen facts' memories against the base's 0.70. Judged on up to
-    # `memory_probes` new corrections, from `min_memory_probes` up (fewer: reported only).
+    # below the base model's.
     max_memory_drop: float = 0.15
-    memory_probes: int = 32
-    min_memory_probes: int = 8
-    max_new_tokens: int = 24
+    memory_probes: int = 32  # new corrections the memory check asks about, at most
+    min_memory_probes: int = 8  # fewer probes than this: the memory check is reported, not judged
+    max_new_tokens: int = 24  # length of the answers the gate generates
+
+    def __post_init__(self):
+        for name in ("min_efficacy", "min_paraphrase", "min_retention", "min_locality", "max_negative_flips",
+                     "max_memory_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1] (got {getattr(self, name)}): it is a share of answers")
+        for name in ("memory_probes", "min_memory_probes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative (got {getattr(self, name)}): it counts probes")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens}): "
+                             "the gate judges generated answers")
 
     def failures(self, metrics: dict) -> list[str]:
         """Why a candidate with these gate metrics fails (empty: it passes)."""

@@ -1,10 +1,10 @@
 """The chat template's opening, computed once.
 
 Every prompt the trainer and the gate run starts with the same tokens: the chat template's
-default system message and the opening of the user's turn (24 tokens on SmolLM2, about half of
-a gate question and of a training example). On this CPU a forward pass costs what its tokens
-cost, so those tokens are run once, as one row, and their keys and values are handed to every
-row of a batch, as vLLM's prefix caching does. The rows then carry only what differs.
+default system message and the opening of the user's turn (about half of a gate question and
+of a training example). On a CPU a forward pass costs what its tokens cost, so those tokens are
+run once, as one row, and their keys and values are handed to every row of a batch, as vLLM's
+prefix caching does. The rows then carry only what differs.
 
 The rows after the opening are padded on the left for generation and on the right for
 training; either way the attention mask says which keys each query sees (`causal_mask`) and
@@ -25,6 +25,7 @@ def unwrapped(model):
 
 
 def is_plain(model) -> bool:
+    """May a forward pass of `model` start at any layer and after a shared opening (PLAIN_DECODERS)?"""
     base = unwrapped(model)
     return (base.config.model_type in PLAIN_DECODERS
             and getattr(base.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))

@@ -18,8 +18,20 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 @dataclass
 class ScheduleConfig:
+    """When cycles start by themselves; neither field set: only when asked."""
+
     every: str | None = None  # "30m", "6h", "1d", or a cron line "0 3 * * *"; None: no schedule
     after_corrections: int | None = None  # a cycle once this many corrections wait; None: never
+
+    def __post_init__(self):
+        if self.every:
+            try:
+                parse_every(self.every)  # fail at start, not at the first tick
+            except ValueError as e:
+                raise ValueError(f"every: {e}") from e
+        if self.after_corrections is not None and self.after_corrections < 1:
+            raise ValueError(f"after_corrections must be at least 1, or None for never (got {self.after_corrections}): "
+                             "0 would start cycles with nothing to learn")
 
 
 def parse_every(every: str):
@@ -45,10 +57,6 @@ class Schedule:
         self.config = config
         self._scheduler = None
         self._lock = threading.Lock()  # check-then-submit is one step
-        if config.every:
-            parse_every(config.every)  # fail at start, not at the first tick
-        if config.after_corrections is not None and config.after_corrections < 1:
-            raise ValueError("after_corrections must be at least 1")
 
     def start(self) -> None:
         if not self.config.every:
