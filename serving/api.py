@@ -27,10 +27,10 @@ from memory.failures import KINDS as FAILURE_KINDS
 from serving.engines import EngineError
 from agent.graph import ThreadFull
 from serving.auth import is_loopback
+from serving.runtime import EngineUnavailable
 from serving.service import (
     Busy,
     Caller,
-    EngineUnavailable,
     Forbidden,
     NotServable,
     QuotaExceeded,

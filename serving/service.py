@@ -6,16 +6,12 @@ only translate to and from these calls. `Ratchet(settings)` opens the data direc
 only: keys, memories, failures, adapters' records); `start()` adds the engine, the agent and the
 consolidation worker.
 
-Adapters go live without a failed request: a new version is loaded under its own name, the
-active pointer is switched under a lock, requests already running on the old version finish
-(each request holds its adapter for as long as it runs), and only then is the old one unloaded.
-A monitor thread restarts a crashed engine; requests meanwhile get a 503 at once.
+The engine as the server runs it — watched, restarted, adapters switched without a failed
+request — is serving/runtime.py's EngineRuntime.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import os
 import sqlite3
@@ -31,6 +27,7 @@ from memory import LOCAL_USER, Correction, Hit, Memory, UnknownResponse
 from serving.auth import ApiKey, ApiKeys, is_loopback
 from serving.engines import Engine, EngineError, make_engine
 from serving.metrics import Metrics
+from serving.runtime import EngineRuntime
 from serving.settings import Settings
 from trainer.base_model import resolve_model
 from trainer.cycle import Cycles
@@ -81,10 +78,6 @@ class NotServable(ValueError):
     """The version exists but may not be served (rejected, or its folder is gone)."""
 
 
-class EngineUnavailable(EngineError):
-    """The engine is restarting; the request may be retried shortly."""
-
-
 class TooLarge(ValueError):
     """A request beyond the server's limits (settings.limits): too many messages, too long a text."""
 
@@ -117,18 +110,12 @@ class Ratchet:
         self.cycles: Cycles | None = None
         self.schedule: Schedule | None = None
         self._threads_db: sqlite3.Connection | None = None
+        self.runtime: EngineRuntime | None = None
         self._tokenizer = None
-        self._swap = threading.RLock()  # one adapter change (load, switch, drain, unload) at a time
-        self._inflight: collections.Counter = collections.Counter()  # running requests per adapter (None: base)
-        self._changed = threading.Condition()  # guards the active version's switch and `_inflight`
-        self._stopped = threading.Event()
-        self._ready = threading.Event()  # the engine answers; cleared while it restarts
-        self._monitor: threading.Thread | None = None
+        self._stopped = False
         self._slots = threading.BoundedSemaphore(settings.limits.concurrent_requests)
         self._lock_file = None
         self._admins: tuple[float, frozenset[str]] = (0.0, frozenset())  # (when read, admin-key users)
-        self.restarts = 0
-        self.last_switch: dict = {}
         self.metrics = Metrics(self)
         if not offline:
             self._lock_data_dir()
@@ -161,6 +148,8 @@ class Ratchet:
         settings = self.settings
         self.model_path = resolve_model(settings.model, settings.models_dir)
         self.engine = self.engine or make_engine(settings.engine, self.model_path, settings)
+        self.runtime = EngineRuntime(self.engine, self.registry, monitor_interval=settings.monitor_interval,
+                                     drain_timeout=settings.vllm.request_timeout)
         self._threads_db = sqlite3.connect(str(settings.data_dir / "threads.db"), check_same_thread=False)
         checkpointer = SqliteSaver(self._threads_db)
         checkpointer.setup()
@@ -168,44 +157,28 @@ class Ratchet:
                            scope=settings.adapter_scope or None, checkpointer=checkpointer,
                            history=settings.limits.history_messages, max_thread=settings.limits.thread_messages)
         self.cycles = Cycles(self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir,
-                             on_promote=self._switch, admits=self.trusted)
+                             on_promote=self.runtime.switch, admits=self.trusted)
         self.schedule = Schedule(self.cycles, settings.schedule)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self.offline:
             raise RuntimeError("an offline Ratchet opens the database only; it cannot serve")
-        self.engine.start()
-        active = self.registry.active()
-        if active is not None:
-            try:
-                self.engine.load_adapter(active.name, active.path)
-            except EngineError as e:  # serve the base model rather than nothing; the failure is listed
-                log.exception("could not load the active adapter %s; serving the base model", active.name)
-                self.memory.failures.record_engine_error(new_response_id(), e, prompt=f"load {active.name}",
-                                                         model=ACTIVE_NAME, adapter=active.name)
-                self.registry.activate(None)
-                active = None
-        self.engine.follow(active.name if active else None, active.path if active else None)
-        self._ready.set()
-        if self.settings.monitor_interval > 0:
-            # Also the thread that restarts the engine: it lives as long as the server, as the
-            # engine's PR_SET_PDEATHSIG (tied to the spawning thread) needs.
-            self._monitor = threading.Thread(target=self._watch, name="ratchet-engine-monitor", daemon=True)
-            self._monitor.start()
+
+        def listed(version: AdapterVersion, error: EngineError) -> None:
+            self.memory.failures.record_engine_error(new_response_id(), error, prompt=f"load {version.name}",
+                                                     model=ACTIVE_NAME, adapter=version.name)
+
+        self.runtime.start(on_load_failure=listed)
         self.schedule.start()
 
     def stop(self) -> None:
-        if self._stopped.is_set():
+        if self._stopped:
             return
-        self._stopped.set()
+        self._stopped = True
         if not self.offline:
             self.schedule.stop()
-            self._ready.clear()
-            self.engine.stop()  # first: a restart under way in the monitor then fails at once
-            if self._monitor is not None:
-                self._monitor.join(timeout=60)
-            self.engine.stop()
+            self.runtime.stop()
             self._threads_db.close()
         self.memory.close()
         if self._lock_file is not None:
@@ -215,36 +188,21 @@ class Ratchet:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self.runtime is not None and self.runtime.ready
+
+    @property
+    def restarts(self) -> int:
+        return self.runtime.restarts if self.runtime else 0
+
+    @property
+    def last_switch(self) -> dict:
+        """How long the last adapter switch took: to load and switch, to drain and unload."""
+        return self.runtime.last_switch
 
     def health(self) -> dict:
         """What /health tells: ready or restarting, the engine, the active version, restarts."""
-        active = self.registry.active()
-        return {"status": "ok" if self.ready else "restarting", "engine": self.engine.name,
-                "active": active.name if active else None, "restarts": self.restarts, "auth": self.keys.any_live(),
-                **self.engine.status()}
-
-    def _watch(self) -> None:
-        while not self._stopped.wait(self.settings.monitor_interval):
-            if not self.engine.alive():
-                self.restart_engine()
-
-    def restart_engine(self) -> None:
-        """The engine died: start it again with the adapters it had; 503s meanwhile."""
-        self._ready.clear()
-        log.error("the %s engine died; restarting it", self.engine.name)
-        with self._swap:
-            while not self._stopped.is_set():
-                try:
-                    self.engine.restart()
-                    break
-                except Exception:
-                    log.exception("restarting the engine failed; trying again")
-                    self._stopped.wait(self.settings.monitor_interval)
-        if not self._stopped.is_set():
-            self.restarts += 1
-            self._ready.set()
-            log.info("the %s engine is back (restart %d)", self.engine.name, self.restarts)
+        return {"status": "ok" if self.ready else "restarting", "engine": self.engine.name, "active": self.active,
+                "restarts": self.restarts, "auth": self.keys.any_live(), **self.engine.status()}
 
     # -- who may ---------------------------------------------------------------------------
     @staticmethod
@@ -291,32 +249,15 @@ class Ratchet:
                 return v
         raise UnknownModel(model)
 
-    @contextlib.contextmanager
     def _holding(self, model: str | None):
         """The adapter for `model`, held (not unloaded) until the block ends."""
-        if not self._ready.is_set():
-            raise EngineUnavailable("the engine is restarting; retry in a few seconds")
         if model in (None, "", ACTIVE_NAME, BASE_NAME):
-            with self._changed:
-                adapter = self.active if model != BASE_NAME else None
-                self._inflight[adapter] += 1
-        else:  # a pinned version: loaded on demand, under the swap lock so no unload races it
-            version = self._promoted(model)
-            with self._swap:
-                self.engine.load_adapter(version.name, version.path)
-                with self._changed:
-                    adapter = version.name
-                    self._inflight[adapter] += 1
-        try:
-            yield adapter
-        finally:
-            with self._changed:
-                self._inflight[adapter] -= 1
-                self._changed.notify_all()
+            return self.runtime.holding(base=model == BASE_NAME)
+        return self.runtime.holding(self._promoted(model))
 
     def inflight(self) -> dict:
-        with self._changed:
-            return {k: v for k, v in self._inflight.items() if v}
+        """Requests running now, per adapter (None: the base model)."""
+        return self.runtime.inflight()
 
     # -- chat ----------------------------------------------------------------------------
     def _within_limits(self, messages: list[dict], options: dict) -> None:
@@ -379,7 +320,7 @@ class Ratchet:
             holding.__exit__(None, None, None)
             release()
 
-        return response_id, adapter, _Held(pieces, done)
+        return response_id, adapter, self.runtime.held(pieces, done)
 
     def _observed(self, model: str, pieces: Iterator) -> Iterator:
         """A stream's pieces, its Reply counted in the metrics."""
@@ -567,57 +508,21 @@ class Ratchet:
             raise NotServable(f"{adapter.name} is {adapter.status}; it may not be served")
         if not (Path(adapter.path) / "adapter_config.json").exists():
             raise NotServable(f"{adapter.name}'s folder {adapter.path} is gone")
-        self._switch(adapter)
+        self.runtime.switch(adapter)
         return self.registry.get(version)
 
     def rollback(self, caller: Caller) -> AdapterVersion | None:
         """Back to the promoted version before the active one, or to the base model; returns it."""
         self._admin(caller, "a rollback")
-        with self._swap:
+        with self.runtime.switching():
             current = self.registry.active()
             if current is None:
                 raise NotServable("the base model is already active; there is nothing to roll back to")
             earlier = [v for v in self.registry.versions() if v.status == "promoted" and v.version < current.version
                        and (Path(v.path) / "adapter_config.json").exists()]
             target = earlier[-1] if earlier else None
-            self._switch(target)
+            self.runtime.switch(target)
             return self.registry.get(target.version) if target else None
-
-    def _switch(self, adapter: AdapterVersion | None) -> dict:
-        """Make `adapter` the active version (None: the base model); returns how long it took to
-        load and switch, and to drain and unload old versions."""
-        started = time.perf_counter()
-        with self._swap:
-            if adapter is not None:
-                self.engine.load_adapter(adapter.name, adapter.path)  # under its own name, beside the old
-            with self._changed:  # the switch: new requests get the new version from here on
-                previous = self.active
-                self.registry.activate(adapter.version if adapter else None)
-                self._changed.notify_all()
-            switched = time.perf_counter()
-            self.engine.follow(adapter.name if adapter else None, adapter.path if adapter else None)
-            # Keep the previous version loaded for a quick rollback; unload older ones once the
-            # requests still running on them are done.
-            keep = {self.active, previous}
-            for name in self.engine.adapters():
-                if name not in keep:
-                    self._unload_when_idle(name)
-        self.last_switch = {"switched_in_s": round(switched - started, 3),
-                            "drained_in_s": round(time.perf_counter() - switched, 3)}
-        log.info("active adapter: %s (was %s) %s", self.active or BASE_NAME, previous or BASE_NAME, self.last_switch)
-        return self.last_switch
-
-    def _unload_when_idle(self, name: str) -> None:
-        with self._changed:
-            idle = self._changed.wait_for(lambda: self._inflight[name] == 0,
-                                          timeout=self.settings.vllm.request_timeout)
-        if not idle:
-            log.warning("%s still has requests after %.0f s; left loaded", name, self.settings.vllm.request_timeout)
-            return
-        try:
-            self.engine.unload_adapter(name)
-        except EngineError:
-            log.warning("could not unload %s", name, exc_info=True)
 
     # -- API keys --------------------------------------------------------------------------
     def create_key(self, caller: Caller, user: str, *, admin: bool = False) -> tuple[ApiKey, str]:
@@ -645,33 +550,3 @@ class Ratchet:
         """Keyless mode: no live key and a loopback address, so every caller is the operator (an
         admin). A server on a public address never opens up, even with every key revoked."""
         return not self.keyed() and is_loopback(self.settings.host)
-
-
-class _Held:
-    """A stream that holds its adapter until it is exhausted, closed or dropped — also when it
-    never started (a generator's own `finally` would not run then)."""
-
-    def __init__(self, pieces: Iterator, release):
-        self._pieces, self._release, self._lock = pieces, release, threading.Lock()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        try:
-            return next(self._pieces)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            release, self._release = self._release, None
-        if release is not None:
-            try:
-                self._pieces.close()
-            finally:
-                release()
-
-    def __del__(self):
-        self.close()
