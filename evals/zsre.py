@@ -197,12 +197,14 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
         engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "built-in",
         merged_lane: bool = False, split: str = "report", neighbours: int = 6, corrections: str = "short",
-        tiers: str = "all") -> dict:
+        tiers: str = "all", base_from: Path | None = None) -> dict:
     """`anchors` (for the server it starts): "built-in": the replay prompts a server has by default
     (trainer.anchors.BUILT_IN_ANCHORS); "nq" adds to them 150 Natural Questions queries from
     records after the evaluated ones, never one of their locality questions. `split`: SPLITS.
     `neighbours`: neighbour questions per record. `corrections`: CORRECTION_STYLES. `tiers`:
-    "all", or "memory" (the memory tier right after each correction only, no consolidation)."""
+    "all", or "memory" (the memory tier right after each correction only, no consolidation).
+    `base_from`: an earlier run's results.json on the same records, whose base-model answers are
+    taken instead of asking again (greedy answers of the same model; a third of a memory-tier run)."""
     if corrections not in CORRECTION_STYLES:
         raise ValueError(f"corrections must be one of {', '.join(CORRECTION_STYLES)}, not {corrections!r}")
     if tiers not in ("all", "memory"):
@@ -212,7 +214,8 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
     records = with_neighbours(load_records(n, data, split), all_records(data), neighbours)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all")
+    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all",
+                   base=earlier_base(base_from, records) if base_from else None)
     if url is None:
         data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
         env = {"RATCHET_MERGED_LANE": "1"} if merged_lane else {}
@@ -227,7 +230,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
                            **options)
     else:
         results = _run(Client(url, concurrency), records, **options)
-    results.update({"n": n, "cycle_every": cycle_every, "split": split, "first_record": records[0]["id"] if records else None,
+    results.update({"n": n, "cycle_every": cycle_every, "base_from": str(base_from) if base_from else None, "split": split, "first_record": records[0]["id"] if records else None,
                     "neighbours_per_record": neighbours, "corrections": corrections, "tiers": tiers,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
@@ -237,12 +240,26 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
     return results
 
 
+def earlier_base(path: Path, records: list[dict]) -> list[dict]:
+    """The base model's answers to `records` from an earlier run's results.json (the same records,
+    neighbours and unrelated questions, or an error)."""
+    earlier = {a["id"]: a for a in json.loads(Path(path).read_text())["memory_tier_answers"]}
+    out = []
+    for r in records:
+        a = earlier.get(r["id"])
+        if a is None or a["neighbours"] != r["neighbours"]:
+            raise ValueError(f"{path} has no base answers to {r['id']} with these neighbour questions")
+        out.append(a["base"])
+    return out
+
+
 def _run(client: Client, records: list[dict], k: int, corrections: str = "short", consolidate: bool = True,
-         lane_wait: float = 0.0) -> dict:
+         lane_wait: float = 0.0, base: list[dict] | None = None) -> dict:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     with progress:
-        base = answers(client, records, "ratchet-base", False, progress, "base model")
+        if base is None:
+            base = answers(client, records, "ratchet-base", False, progress, "base model")
         memory_tier: list[dict] = [None] * len(records)
         cycles = []
         previous_weights: dict[int, bool] = {}
@@ -495,12 +512,13 @@ def main() -> None:
                     help="how the correction is written")
     ap.add_argument("--tiers", default="all", choices=("all", "memory"),
                     help="memory: the memory tier right after each correction only, no consolidation")
+    ap.add_argument("--base-from", type=Path, help="an earlier run's results.json: its base answers, not asked again")
     a = ap.parse_args()
     output = a.output or Path("reports") / f"zsre-{a.split}-n{a.n}-k{a.cycle_every}"
     results = run(a.n, a.cycle_every, output, url=a.url, data=a.data, engine=a.engine,
                   models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=a.concurrency, anchors=a.anchors,
                   merged_lane=a.merged_lane, split=a.split, neighbours=a.neighbours, corrections=a.corrections,
-                  tiers=a.tiers)
+                  tiers=a.tiers, base_from=a.base_from)
     print((output / "report.md").read_text())
     console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
 
