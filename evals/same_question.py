@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.repair import REPAIR_SCORE
 from evals.zsre import SPLITS
 from evals.zsre_data import records as all_records
 from memory.text import normalise
@@ -43,6 +44,28 @@ def shares(embedder, rows: list[dict]) -> list[dict]:
              "other_fact": float((other >= t).mean())} for t in THRESHOLDS]
 
 
+def write(table: list[dict], output: Path, records: str) -> None:
+    """same_question.json and .md in `output`: the table, the threshold MAX_WRONG picks, and the
+    row of the threshold in use (memory.text.SAME_QUESTION_SCORE, agent.repair.REPAIR_SCORE)."""
+    chosen = next(r for r in table if r["neighbour"] <= MAX_WRONG and r["other_fact"] <= MAX_WRONG)
+    used = next(r for r in table if r["threshold"] == REPAIR_SCORE)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "same_question.json").write_text(json.dumps({"records": records, "chosen": chosen, "in_use": used,
+                                                           "table": table}, indent=1))
+    lines = [f"# Same-question threshold, zsRE dev records {records}", "",
+             f"Lowest threshold letting through at most {MAX_WRONG:.1%} of neighbour and of other-fact questions: "
+             f"{chosen['threshold']} (paraphrases reaching their question: {chosen['paraphrase']:.3f}). In use "
+             f"(memory.text.SAME_QUESTION_SCORE, agent.repair.REPAIR_SCORE): **{used['threshold']}**, reached by "
+             f"{used['paraphrase']:.3f} of paraphrases, {used['neighbour']:.4f} of neighbour questions and "
+             f"{used['other_fact']:.4f} of other facts' nearest questions.", "",
+             "| threshold | paraphrase reaches its question | neighbour reaches it | nearest other fact reaches it |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['threshold']} | {r['paraphrase']:.3f} | {r['neighbour']:.4f} | {r['other_fact']:.4f} |"
+              for r in table]
+    (output / "same_question.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", type=Path, default=Path("reports/memory-tier"))
@@ -50,21 +73,7 @@ def main() -> None:
     from memory.embed import Embedder
 
     start, end = SPLITS["tune"]
-    rows = all_records()[start:end]
-    table = shares(Embedder(), rows)
-    chosen = next(r for r in table if r["neighbour"] <= MAX_WRONG and r["other_fact"] <= MAX_WRONG)
-    a.output.mkdir(parents=True, exist_ok=True)
-    (a.output / "same_question.json").write_text(json.dumps({"records": f"{start + 1}-{end}", "chosen": chosen,
-                                                             "table": table}, indent=1))
-    lines = [f"# Same-question threshold, zsRE dev records {start + 1}-{end}", "",
-             f"Lowest threshold letting through at most {MAX_WRONG:.1%} of neighbour and of other-fact questions: "
-             f"**{chosen['threshold']}** (paraphrases reaching their question: {chosen['paraphrase']:.3f}).", "",
-             "| threshold | paraphrase reaches its question | neighbour reaches it | nearest other fact reaches it |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['threshold']} | {r['paraphrase']:.3f} | {r['neighbour']:.4f} | {r['other_fact']:.4f} |"
-              for r in table]
-    (a.output / "same_question.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(shares(Embedder(), all_records()[start:end]), a.output, f"{start + 1}-{end}")
 
 
 if __name__ == "__main__":
