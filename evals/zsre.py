@@ -230,8 +230,9 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
                            **options)
     else:
         results = _run(Client(url, concurrency), records, **options)
-    results.update({"n": n, "cycle_every": cycle_every, "base_from": str(base_from) if base_from else None, "split": split, "first_record": records[0]["id"] if records else None,
-                    "neighbours_per_record": neighbours, "corrections": corrections, "tiers": tiers,
+    results.update({"n": n, "cycle_every": cycle_every, "split": split,
+                    "first_record": records[0]["id"] if records else None, "neighbours_per_record": neighbours,
+                    "corrections": corrections, "tiers": tiers, "base_from": str(base_from) if base_from else None,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
                     "correctness_rule": JUDGE_RULE, "seconds": round(time.monotonic() - started, 1)})
