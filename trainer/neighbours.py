@@ -61,7 +61,7 @@ def subject_of(question: str) -> str | None:
     runs: list[list[str]] = []
     current: list[str] = []
     for i, w in enumerate(words):
-        if i > 0 and _CAPITALISED.fullmatch(w) and not (not current and w.lower() in _QUESTION_WORDS):
+        if i > 0 and _CAPITALISED.fullmatch(w) and (current or w.lower() not in _QUESTION_WORDS):
             current.append(w)
         elif current and w.lower() in ("of", "the", "de", "von", "van", "and") and i + 1 < len(words) \
                 and _CAPITALISED.fullmatch(words[i + 1]):
