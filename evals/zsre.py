@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evals.server import RatchetServer
 from evals.zsre_data import ZSRE, nq_anchor_prompts
+from evals.zsre_data import records as all_records
 from memory.text import JUDGE_RULE, gives
 from trainer.neighbours import neighbour_questions, neighbour_scores
 # No `user` field: on a server without keys the caller is the trusted local user, whose
@@ -209,8 +210,6 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
         raise ValueError(f"corrections must be one of {', '.join(CORRECTION_STYLES)}, not {corrections!r}")
     if tiers not in ("all", "memory"):
         raise ValueError(f"tiers must be 'all' or 'memory', not {tiers!r}")
-    from evals.zsre_data import records as all_records
-
     records = with_neighbours(load_records(n, data, split), all_records(data), neighbours)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
