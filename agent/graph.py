@@ -18,6 +18,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
 from agent.protocol import ChatModel, Completion
+from agent.repair import repaired, same_question_memory
 from memory import Memory
 from memory import RELEVANCE_THRESHOLD
 from memory.text import with_memories
@@ -88,11 +89,15 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         return out
 
     def respond(state: ChatState) -> dict:
-        prompt = with_memories(_latest(state["messages"], history), state.get("memories", []))
+        memories = state.get("memories", [])
+        prompt = with_memories(_latest(state["messages"], history), memories)
         started = time.perf_counter()
         options = dict(adapter=state.get("adapter"), max_tokens=state.get("max_tokens", 256),
                        temperature=state.get("temperature", 0.0))
-        if state.get("stream"):
+        # Verify and repair (agent.repair): with a memory of the very question asked, the answer is
+        # checked before anyone sees it, so a stream then sends the checked answer in one piece.
+        same = same_question_memory(memories)
+        if state.get("stream") and same is None:
             write = get_stream_writer()
             completion = None
             pieces, sent = model.stream(prompt, **options), []  # text pieces, then the whole Completion
@@ -112,6 +117,12 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
                     return {"recorded": True}
         else:
             completion = model.complete(prompt, **options)
+            fixed = repaired(completion, same, _last_user_message(state["messages"]))
+            if fixed is not None:
+                log.info("answer replaced by memory %s, which it ignored: %r", same.get("id"), completion.text[:80])
+                completion = fixed
+            if state.get("stream"):
+                get_stream_writer()({"delta": completion.text})
         return {
             "messages": [{"role": "assistant", "content": completion.text}],
             "completion": {**completion.__dict__, "prompt": prompt},

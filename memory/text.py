@@ -66,3 +66,58 @@ def with_memories(messages: list[dict], memories: list[dict]) -> list[dict]:
         return list(messages)
     system = [m for m in messages[:1] if m["role"] == "system"]
     return system + memory_turns(memories) + list(messages[len(system):])
+
+
+# What a user writes before or around the answer itself: "No, it's X", "Actually, the answer is X."
+_LEAD = re.compile(
+    r"^\s*(?:(?:no|nope|wrong|incorrect|not quite|actually|sorry|well)"
+    r"(?:\s*[,.!:;—-]+\s*|\s+(?=(?:it|that|this|the)\b)))*"
+    r"(?:(?:it|that|this)(?:'s|’s| is| was)|the (?:right |correct |real )?answer (?:is|was)|answer:)?\s*",
+    re.IGNORECASE,
+)
+# Words a sentence needs but that say nothing about the fact: never required of an answer.
+STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or is are was were be been it its it's that this these those "
+    "who whom whose what which where when why how did do does answer right correct not no yes".split()
+)
+_COPULA = re.compile(r"\b(?:is|are|was|were)\b", re.IGNORECASE)
+
+JUDGE_RULE = (
+    "An answer gives a correction when the correction's answer span (memory.text.answer_of: what the user wrote "
+    "without 'No, it's' and the like) occurs in it as whole words after normalising, or when every key word of "
+    "the span (memory.text.key_words: not a stop word, not a word of the question, of a sentence the part after "
+    "its last 'is/was') occurs in it as a whole word."
+)
+
+
+def answer_of(correction: str) -> str:
+    """The answer span of what a user wrote: "No, it's X" → "X", "It's X." → "X"; a sentence
+    ("The ship ... was the Velmaris.") is kept as it is and judged by its key words."""
+    text = (correction or "").strip()
+    span = _LEAD.sub("", text, count=1).strip()
+    span = span.rstrip(".!?;, ").strip().strip("\"'“”‘’").strip()
+    return span or text
+
+
+def key_words(correction: str, question: str = "") -> list[str]:
+    """The words an answer must give to give `correction` (normalised): the span's words that are
+    neither stop words nor words of `question`; of a sentence asked without a question, those after
+    its last "is"/"was". Empty when nothing is left (then the whole span is required)."""
+    span = answer_of(correction)
+    asked = set(normalise(question).split())
+    if not asked and len(span.split()) >= 4:
+        tail = _COPULA.split(span)[-1]
+        if normalise(tail):
+            span = tail
+    words = [w for w in normalise(span).split() if w not in STOPWORDS and w not in asked]
+    return list(dict.fromkeys(words))
+
+
+def gives(correction: str, answer: str, question: str = "") -> bool:
+    """Does `answer` give what `correction` says (JUDGE_RULE)? A right answer in other words or
+    another order passes ("Oxford University" for "University of Oxford"), a wrong name fails."""
+    if is_correct(answer_of(correction), answer):
+        return True
+    words = key_words(correction, question)
+    said = f" {normalise(answer)} "
+    return bool(words) and all(f" {w} " in said for w in words)

@@ -99,3 +99,42 @@ def test_locality_profile_counts_where_the_adapter_parts_from_the_base(tiny_mode
     moved = profile(model, tokenizer, questions, answers)
     assert moved["agreement"] < 1.0 and moved["tokens"] == same["tokens"]
     assert "| q | 3 |" in report("x", {"q": moved})
+
+
+def test_the_splits_never_overlap_and_the_report_split_starts_at_record_2001():
+    from evals.zsre import SPLITS, load_records
+
+    assert SPLITS["tune"][1] <= SPLITS["report"][0]
+    assert load_records(2, ZSRE, "report")[0]["id"] == "zsre-dev-02001"
+    assert load_records(2, ZSRE, "tune")[0]["id"] == "zsre-dev-00001"
+    with pytest.raises(ValueError):
+        load_records(2001, ZSRE, "tune")
+
+
+def test_corrections_are_written_as_users_write_them_and_judged_by_content():
+    from evals.zsre import correction_text
+    from memory.text import answer_of, gives
+
+    r = {"question": "What is the city of birth of Jean-Claude Narcy?", "answer": "Tours"}
+    assert correction_text(r, "short") == "Tours"
+    assert correction_text(r, "no-its") == "No, it's Tours."
+    sentence = correction_text(r, "sentence")
+    assert sentence.startswith("The answer to") and gives(sentence, "He was born in Tours.", r["question"])
+    assert answer_of(correction_text(r, "no-its")) == "Tours"
+
+
+def test_the_bench_counts_neighbours_a_fake_adapter_changed_and_answers_that_leaked():
+    from evals.zsre import score
+
+    records = [{"answer": "Tours", "neighbours": ["Who is Narcy?", "Where is Narcy from?"]},
+               {"answer": "Velmaris", "neighbours": ["Who is Zarnoth?"]}]
+    base = [{"q": "Paris", "p": "Paris", "l": "42", "n": ["A French actor.", "From France."]},
+            {"q": "No idea", "p": "No idea", "l": "blue", "n": ["A planet."]}]
+    adapted = [{"q": "Tours.", "p": "Paris", "l": "42", "n": ["A French actor.", "From Tours."]},  # leaked
+               {"q": "the Velmaris", "p": "Velmaris!", "l": "blue", "n": ["A small planet."]}]  # changed
+    s = score(records, adapted, base)
+    assert (s["reliability"], s["generalisation"], s["locality_strict"]) == (1.0, 0.5, 1.0)
+    assert s["neighbour_locality_strict"] == 1 / 3 and s["neighbour_bleed"] == 1 / 3 and s["n_neighbours"] == 3
+    shown = [{"q": [], "p": [{"score": 0.9, "answer": "Tours"}]}, {"q": [], "p": []}]
+    s = score(records, [{**g, "shown": m} for g, m in zip(adapted, shown)], base)
+    assert s["paraphrase_misses"] == {"retrieval": 0, "ignored": 1}  # shown Tours, answered Paris

@@ -16,6 +16,7 @@ from memory.text import is_correct, normalise
 from trainer.anchors import PROBE_PROMPTS
 from trainer.dataset import messages_of
 from trainer.evaluate import agreement, generate
+from trainer.neighbours import neighbour_scores, subject_of, template_neighbours
 
 # A rephrasing never used in training: the gate's stand-in for a user's paraphrase.
 HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
@@ -43,13 +44,20 @@ class GateConfig:
     memory_probes: int = 32  # new corrections the memory check asks about, at most
     min_memory_probes: int = 8  # fewer probes than this: the memory check is reported, not judged
     max_new_tokens: int = 24  # length of the answers the gate generates
+    # Neighbours: template questions about the new corrections' subjects (trainer.neighbours), the
+    # candidate's answers against the base model's, retrieval off. These bounds stop an adapter that
+    # rewrites what the model says about a corrected subject or leaks the corrected answer into it.
+    max_neighbour_bleed: float = 0.5  # share of neighbour answers giving the corrected answer where the base's did not
+    min_neighbour_locality: float = 0.5  # token-level agreement with the base's neighbour answers
+    neighbour_probes: int = 16  # new corrections whose subjects are probed, at most
+    neighbour_templates: int = 2  # template questions per subject
 
     def __post_init__(self):
         for name in ("min_efficacy", "min_paraphrase", "min_retention", "min_locality", "max_negative_flips",
-                     "max_memory_drop"):
+                     "max_memory_drop", "max_neighbour_bleed", "min_neighbour_locality"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1] (got {getattr(self, name)}): it is a share of answers")
-        for name in ("memory_probes", "min_memory_probes"):
+        for name in ("memory_probes", "min_memory_probes", "neighbour_probes", "neighbour_templates"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative (got {getattr(self, name)}): it counts probes")
         if self.max_new_tokens < 1:
@@ -65,6 +73,9 @@ class GateConfig:
             ("locality_token", self.min_locality, ">="),
             ("negative_flips", self.max_negative_flips, "<="),
         ]
+        if metrics.get("n_neighbours"):
+            checks += [("neighbour_bleed", self.max_neighbour_bleed, "<="),
+                       ("neighbour_locality_token", self.min_neighbour_locality, ">=")]
         if metrics.get("n_memory_probes", 0) >= self.min_memory_probes:
             floor = round(metrics["base_memory_followed"] - self.max_memory_drop, 4)
             checks.append(("memory_followed", floor, ">="))
@@ -103,6 +114,21 @@ def memory_probes(new: list[Correction]) -> list[tuple[Correction, str]]:
         others = [o.answer.strip() for o in new[i + 1 :] + new[:i] if normalise(o.answer) != normalise(c.answer)]
         if others:
             out.append((c, others[0]))
+    return out
+
+
+def neighbour_probes(new: list[Correction], corrections: int, templates: int) -> list[tuple[Correction, str]]:
+    """Template neighbour questions about the subjects (trainer.neighbours.subject_of) of up to
+    `corrections` new corrections, each with its correction; a subject is probed once."""
+    out, seen = [], set()
+    for c in new:
+        subject = subject_of(c.question)
+        if subject is None or normalise(subject) in seen:
+            continue
+        seen.add(normalise(subject))
+        out += [(c, q) for q in template_neighbours(subject, templates)]
+        if len(seen) == corrections:
+            break
     return out
 
 
@@ -191,6 +217,10 @@ def run_gate(
         "n_earlier": len(earlier),
         "n_probes": len(probes),
     }
+    near = neighbour_probes(new, config.neighbour_probes, config.neighbour_templates)
+    base_near, cand_near = answers_of("base", [q for _, q in near]), answers_of("candidate", [q for _, q in near])
+    metrics.update(neighbour_scores([c.answer for c, _ in near], base_near, cand_near))
+    metrics["neighbour_locality_token"] = round(agreement(model, tok, [q for _, q in near], base_near), 4) if near else None
     reasons = config.failures(metrics)
     samples = [{"question": c.question, "expected": c.answer, "candidate": a} for c, a in zip(new[:5], cand_new)]
     samples += [{"probe": p, "base": b, "candidate": a} for p, b, a in list(zip(probes, base_probes, cand_probes))[:5]]

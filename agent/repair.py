@@ -1,0 +1,37 @@
+"""Verify and repair: an answer that ignores a correction of the very question asked is replaced
+by the correction.
+
+The small model often answers something else although the memory of the question was in its
+prompt (reports/memory-tier/report.md: most memory-tier misses were such, not retrieval misses).
+When a retrieved memory is confidently the same question (its similarity at least REPAIR_SCORE)
+and the answer does not give the memory's answer (memory.text.gives), the agent answers with
+the correction's answer span instead. Below REPAIR_SCORE the memory stays a hint the model may
+follow or not: there it is as likely another question about the same subject, whose answer the
+correction must not take over (bleed).
+"""
+
+from __future__ import annotations
+
+from agent.protocol import Completion
+from memory.text import SAME_QUESTION_SCORE, answer_of, gives
+
+# Similarity of the asked question to a memory's at which the memory is taken as the same
+# question: the one the memory uses (memory.text.SAME_QUESTION_SCORE). On zsRE dev records
+# 1-2000, 0.5% of neighbour questions and half of the paraphrases reach it
+# (evals/same_question.py, reports/memory-tier/same_question.md).
+REPAIR_SCORE = SAME_QUESTION_SCORE
+
+
+def same_question_memory(memories: list[dict], score: float = REPAIR_SCORE) -> dict | None:
+    """The best retrieved memory, when it is confidently the question asked."""
+    best = max(memories, key=lambda m: m.get("score", 0.0), default=None)
+    return best if best is not None and best.get("score", 0.0) >= score else None
+
+
+def repaired(completion: Completion, memory: dict | None, question: str) -> Completion | None:
+    """The answer to give instead of `completion`, or None when it stands: it gives `memory`'s
+    answer already, or there is no same-question memory."""
+    if memory is None or gives(memory["answer"], completion.text, question):
+        return None
+    return Completion(text=answer_of(memory["answer"]), prompt_tokens=completion.prompt_tokens,
+                      completion_tokens=completion.completion_tokens, finish_reason="stop")

@@ -1,0 +1,77 @@
+"""The agent's verify-and-repair step (agent.repair): an answer that ignores a memory of the very
+question asked is replaced by the correction, streamed or not, and recorded as served."""
+
+from agent import Agent
+from agent.protocol import Completion
+from agent.repair import REPAIR_SCORE, repaired, same_question_memory
+
+Q = "What university did Watts Humphrey attend?"
+
+
+class StubbornModel:
+    """A chat model that ignores its memories: always the same answer."""
+
+    def __init__(self, text: str = "He went to Harvard University."):
+        self.text = text
+        self.calls = 0
+
+    def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        self.calls += 1
+        return Completion(text=self.text, prompt_tokens=len(messages), completion_tokens=6)
+
+    def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
+        c = self.complete(messages)
+        words = c.text.split(" ")
+        yield from [w if i == 0 else " " + w for i, w in enumerate(words)]
+        yield c
+
+
+def test_only_a_confident_same_question_memory_repairs_and_only_an_answer_that_ignores_it():
+    memory = {"id": 1, "question": Q, "answer": "No, it's the Illinois Institute of Technology.", "score": 0.97}
+    assert same_question_memory([memory, {**memory, "score": 0.88}]) is memory
+    assert same_question_memory([{**memory, "score": REPAIR_SCORE - 0.01}]) is None
+    assert same_question_memory([]) is None
+    wrong = Completion(text="Harvard.", prompt_tokens=9, completion_tokens=2)
+    fixed = repaired(wrong, memory, Q)
+    assert fixed.text == "the Illinois Institute of Technology" and fixed.prompt_tokens == 9
+    assert repaired(Completion(text="Illinois Institute of Technology, in Chicago."), memory, Q) is None
+    assert repaired(wrong, None, Q) is None
+
+
+def test_the_agent_answers_with_the_correction_it_ignored_streamed_or_not(memory):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    model = StubbornModel()
+    agent = Agent(memory, model)
+    reply = agent.chat([{"role": "user", "content": Q}], user="ann")
+    assert reply.text == "Illinois Institute of Technology"
+    assert memory.interactions.get(reply.response_id)["response"] == reply.text
+    pieces = list(agent.stream([{"role": "user", "content": Q}], user="ann"))
+    *deltas, final = pieces
+    assert "".join(deltas) == final.text == "Illinois Institute of Technology"  # streamed = recorded
+    assert memory.interactions.get(final.response_id)["response"] == final.text
+
+
+def test_questions_without_a_same_question_memory_keep_their_answer_and_stream(memory):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    agent = Agent(memory, StubbornModel())
+    far = agent.chat([{"role": "user", "content": "How many legs does a spider have?"}], user="ann")
+    assert far.text == "He went to Harvard University." and far.memories == []
+    *deltas, final = list(agent.stream([{"role": "user", "content": "Who wrote Hamlet?"}], user="ann"))
+    assert len(deltas) > 1 and "".join(deltas) == final.text  # streamed token by token as before
+    off = agent.chat([{"role": "user", "content": Q}], user="ann", use_memory=False)
+    assert off.text == "He went to Harvard University."  # memory off: nothing to repair with
+
+
+def test_the_repair_replayed_on_a_recorded_run_fixes_ignored_memories_only():
+    from evals.repair_replay import replay
+
+    same = [{"score": 1.0, "answer": "Tours"}]
+    row = {"answer": "Tours", "question": "Where was Narcy born?", "paraphrase": "Narcy's birthplace?",
+           "neighbours": ["Who is Narcy?"],
+           "base": {"q": "Paris", "p": "Paris", "l": "x", "n": ["An actor."]},
+           "got": {"q": "Paris", "p": "In Tours.", "l": "x", "n": ["An actor."],
+                   "shown": {"q": same, "p": [{"score": 0.9, "answer": "Tours"}], "l": [], "n": [[]]}}}
+    scores, counts = replay({"memory_tier_answers": [row]})
+    assert scores["before"]["reliability"] == 0.0 and scores["after"]["reliability"] == 1.0
+    assert counts == {"q": 1, "p": 0, "n": 0}  # the paraphrase gave it already; the neighbour saw no memory
+    assert scores["after"]["neighbour_locality_strict"] == 1.0

@@ -1,0 +1,98 @@
+"""Neighbour questions: other questions about a corrected subject, whose answers a correction
+must leave alone (locality on the neighbourhood, not only on unrelated questions).
+
+A correction of "What university did X attend?" should change that answer and its paraphrases,
+and nothing else about X: "Who is X?" or "Where is X from?" keep the base model's answers, and
+the corrected answer must not leak into them (bleed). The reference answers are the base
+model's greedy ones; the benchmark (evals/zsre.py) and the gate (trainer/gate.py) both ask these.
+"""
+
+from __future__ import annotations
+
+import re
+
+from memory.text import gives, normalise
+
+# Generic questions about any subject, person, place, work or organisation: the base model's
+# answers to them are the reference, so a question that fits a subject badly still measures
+# whether a correction moved its answer.
+NEIGHBOUR_TEMPLATES = (
+    "Who is {s}?",
+    "What is {s} known for?",
+    "Where is {s} located?",
+    "Where is {s} from?",
+    "When was {s} founded?",
+    "Tell me one fact about {s}.",
+)
+
+_QUESTION_WORDS = frozenset("what which who whom whose where when why how is are was were did do does in of the "
+                            "a an tell name".split())
+_CAPITALISED = re.compile(r"[A-Z0-9][\w'’.-]*")
+
+
+def template_neighbours(subject: str, k: int = len(NEIGHBOUR_TEMPLATES)) -> list[str]:
+    """The first `k` template questions about `subject`."""
+    return [t.format(s=subject.strip()) for t in NEIGHBOUR_TEMPLATES[:k]]
+
+
+def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEIGHBOUR_TEMPLATES),
+                        exclude: set[str] = frozenset()) -> list[str]:
+    """Up to `k` questions about `record`'s subject and another relation: first the other
+    records (zsRE-style dicts) about the same subject with another answer (same-subject records
+    with the same answer are rewordings of the same fact, not neighbours), then the templates.
+    Questions in `exclude` (e.g. ones corrected in the same run) are left out."""
+    subject = record["subject"]
+    answer = normalise(record["answer"])
+    own = {normalise(record["question"]), normalise(record.get("paraphrase", ""))}
+    left_out = {normalise(q) for q in exclude} | own
+    others = [r["question"] for r in records if r["subject"] == subject and normalise(r["answer"]) != answer]
+    out: list[str] = []
+    for q in others + template_neighbours(subject):
+        if normalise(q) not in left_out and normalise(q) not in {normalise(o) for o in out}:
+            out.append(q)
+    return out[:k]
+
+
+def subject_of(question: str) -> str | None:
+    """The subject of a question a user corrected, when it names one: the longest run of
+    capitalised words after the first word ("What university did Watts Humphrey attend?" →
+    "Watts Humphrey"). None when the question names nothing capitalised."""
+    words = question.strip().rstrip("?.!").split()
+    runs: list[list[str]] = []
+    current: list[str] = []
+    for i, w in enumerate(words):
+        if i > 0 and _CAPITALISED.fullmatch(w) and (current or w.lower() not in _QUESTION_WORDS):
+            current.append(w)
+        elif current and w.lower() in ("of", "the", "de", "von", "van", "and") and i + 1 < len(words) \
+                and _CAPITALISED.fullmatch(words[i + 1]):
+            current.append(w)  # "Bank of England", "Ludwig van Beethoven"
+        else:
+            if current:
+                runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: (len(r), sum(len(w) for w in r)))
+    return " ".join(best).strip(",;:")
+
+
+def bleed(corrected_answer: str, base_answer: str, new_answer: str) -> bool:
+    """Did the correction leak here: the new answer gives the corrected answer (memory.text.gives,
+    whole words) where the base model's answer did not?"""
+    return gives(corrected_answer, new_answer) and not gives(corrected_answer, base_answer)
+
+
+def neighbour_scores(corrected: list[str], base: list[str], new: list[str]) -> dict:
+    """Strict locality (the share of neighbour answers identical to the base model's) and bleed
+    (the share that now give their subject's corrected answer), over parallel lists: per
+    neighbour question, its subject's correction, the base's answer and the new answer."""
+    n = len(new)
+    if not n:
+        return {"neighbour_locality_strict": None, "neighbour_bleed": None, "n_neighbours": 0}
+    return {
+        "neighbour_locality_strict": sum(b == a for b, a in zip(base, new)) / n,
+        "neighbour_bleed": sum(bleed(c, b, a) for c, b, a in zip(corrected, base, new)) / n,
+        "n_neighbours": n,
+    }
