@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -31,6 +30,7 @@ from evals.server import RatchetServer
 from evals.zsre_data import ZSRE, nq_anchor_prompts
 from evals.zsre_data import records as all_records
 from memory.text import JUDGE_RULE, gives
+from serving.client import ApiError, RatchetClient
 from trainer.neighbours import neighbour_questions, neighbour_scores
 # No `user` field: on a server without keys the caller is the trusted local user, whose
 # corrections enter the shared adapter; on a keyed server the key names the user.
@@ -74,19 +74,17 @@ def with_neighbours(records: list[dict], all_records: list[dict], k: int) -> lis
 
 
 class Client:
+    """The shared HTTP client (serving.client), asked `concurrency` requests at a time and timed."""
+
     def __init__(self, url: str, concurrency: int):
-        self.http = httpx.Client(base_url=url, timeout=900)
+        self.api = RatchetClient(url, timeout=900)
         self.pool = ThreadPoolExecutor(concurrency)
         self.chat_ms: list[float] = []
         self.retrieval_ms: list[float] = []
 
     def ask(self, question: str, model: str, memory: bool) -> dict:
-        body = {"model": model, "messages": [{"role": "user", "content": question}], "memory": memory,
-                "max_tokens": MAX_TOKENS, "temperature": 0}
         started = time.perf_counter()
-        r = self.http.post("/v1/chat/completions", json=body)
-        r.raise_for_status()
-        reply = r.json()
+        reply = self.api.chat(question, model=model, memory=memory, max_tokens=MAX_TOKENS, temperature=0)
         self.chat_ms.append((time.perf_counter() - started) * 1000)
         shown = reply.get("ratchet", {}).get("memories", [])
         if memory:
@@ -95,24 +93,17 @@ class Client:
                 "memories": [{"score": m.get("score"), "answer": m["answer"]} for m in shown]}
 
     def correct(self, response_id: str, answer: str) -> None:
-        r = self.http.post("/v1/feedback", json={"response_id": response_id, "rating": -1, "correction": answer})
-        r.raise_for_status()
+        self.api.feedback(response_id, correction=answer)
 
     def agreement(self, question: str, completion: str, model: str) -> tuple[int, int]:
         if not completion.strip():
             return 0, 0
-        r = self.http.post("/v1/agreement", json={"model": model, "messages": [{"role": "user", "content": question}],
-                                                  "completion": completion})
-        r.raise_for_status()
-        body = r.json()
+        body = self.api.post("/v1/agreement", {"model": model, "messages": [{"role": "user", "content": question}],
+                                               "completion": completion})
         return body["matched"], body["tokens"]
 
     def consolidate(self) -> dict:
-        cycle = self.http.post("/v1/consolidations").json()
-        while cycle["status"] in ("queued", "running"):
-            time.sleep(2)
-            cycle = self.http.get(f"/v1/consolidations/{cycle['id']}").json()
-        return cycle
+        return self.api.consolidate(poll=2, timeout=24 * 3600)
 
     def map(self, fn, items, progress: Progress | None = None, label: str = ""):
         task = progress.add_task(label, total=len(items)) if progress else None
@@ -185,11 +176,11 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
             pairs = client.map(lambda qa: client.agreement(qa[0], qa[1], model), pairs_in, progress,
                                "token-level locality" + (" (neighbours)" if neighbours else ""))
             break
-        except httpx.HTTPStatusError as e:
+        except ApiError as e:
             if time.monotonic() < deadline:
                 time.sleep(10)
                 continue
-            console.print(f"[yellow]token-level locality not measured: {e.response.text[:200]}[/yellow]")
+            console.print(f"[yellow]token-level locality not measured: {e.message[:200]}[/yellow]")
             return None
     total = sum(t for _, t in pairs)
     return sum(m for m, _ in pairs) / total if total else 1.0
@@ -487,41 +478,3 @@ def write_report(results: dict, output: Path) -> None:
         lines += ["![accuracy per cycle](accuracy_per_cycle.png)", "", "![first cycle over time](first_cycle_over_time.png)",
                   ""]
     (output / "report.md").write_text("\n".join(lines))
-
-
-def main() -> None:
-    """`python -m evals.zsre`: `ratchet eval zsre` with the split, neighbour, correction-style and
-    tier options (serving/cli.py forwards only the older ones)."""
-    import argparse
-    import os
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=200, help="zsRE corrections to stream in")
-    ap.add_argument("--cycle-every", type=int, default=50, help="a consolidation after this many corrections")
-    ap.add_argument("--output", type=Path, help="where to write results.json, report.md and plots")
-    ap.add_argument("--url", help="a running server; default: start one in a fresh data dir")
-    ap.add_argument("--data", type=Path, default=ZSRE, help="zsRE dev.jsonl")
-    ap.add_argument("--engine", default="vllm", help="engine of the server it starts")
-    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
-    ap.add_argument("--anchors", default="built-in", choices=("built-in", "nq"))
-    ap.add_argument("--merged-lane", action="store_true", help="start the server with RATCHET_MERGED_LANE=1")
-    ap.add_argument("--split", default="report", choices=tuple(SPLITS),
-                    help="tune: records 1-2000 (for tuning); report: 2001-3783 (never tuned on)")
-    ap.add_argument("--neighbours", type=int, default=6, help="neighbour questions per corrected record")
-    ap.add_argument("--corrections", default="short", choices=tuple(CORRECTION_STYLES),
-                    help="how the correction is written")
-    ap.add_argument("--tiers", default="all", choices=("all", "memory"),
-                    help="memory: the memory tier right after each correction only, no consolidation")
-    ap.add_argument("--base-from", type=Path, help="an earlier run's results.json: its base answers, not asked again")
-    a = ap.parse_args()
-    output = a.output or Path("reports") / f"zsre-{a.split}-n{a.n}-k{a.cycle_every}"
-    results = run(a.n, a.cycle_every, output, url=a.url, data=a.data, engine=a.engine,
-                  models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=a.concurrency, anchors=a.anchors,
-                  merged_lane=a.merged_lane, split=a.split, neighbours=a.neighbours, corrections=a.corrections,
-                  tiers=a.tiers, base_from=a.base_from)
-    print((output / "report.md").read_text())
-    console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -266,14 +266,27 @@ def eval_zsre(
                                                  "evaluated ones)"),
     merged_lane: bool = typer.Option(False, help="Start the server with RATCHET_MERGED_LANE=1 (vLLM: the active "
                                                  "adapter merged, faster, and token-level locality measurable)"),
+    split: str = typer.Option("report", help="tune: dev records 1-2000 (for tuning); report: 2001-3783 (never "
+                                             "tuned on)"),
+    neighbours: int = typer.Option(6, min=0, help="Neighbour questions (the subject's other relations) per record"),
+    corrections: str = typer.Option("short", help="How corrections are written: short (the answer), no-its "
+                                                  "(\"No, it's X.\") or sentence"),
+    tiers: str = typer.Option("all", help="all, or memory: the memory tier right after each correction only"),
+    base_from: Optional[Path] = typer.Option(None, help="An earlier run's results.json on the same records: its "
+                                                        "base-model answers, not asked again"),
 ):
-    """The learning benchmark: reliability, generalisation, locality per tier and per cycle."""
+    """The learning benchmark: reliability, generalisation, locality and bleed per tier and per cycle."""
     from evals import zsre
 
-    output = output or Path("reports") / f"zsre-n{n}-k{cycle_every}"
-    results = zsre.run(n, cycle_every, output, url=url, data=data or zsre.ZSRE, engine=engine,
-                       models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency, anchors=anchors,
-                       merged_lane=merged_lane)
+    output = output or Path("reports") / f"zsre-{split}-n{n}-k{cycle_every}"
+    try:
+        results = zsre.run(n, cycle_every, output, url=url, data=data or zsre.ZSRE, engine=engine,
+                           models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency, anchors=anchors,
+                           merged_lane=merged_lane, split=split, neighbours=neighbours, corrections=corrections,
+                           tiers=tiers, base_from=base_from)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
     out.print((output / "report.md").read_text())
     console.print(f"wrote {output}/report.md, results.json and plots in {results['seconds']:.0f} s")
 

@@ -60,9 +60,12 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     out = tmp_path / "report"
     r = CliRunner().invoke(app, ["eval", "zsre", "--n", "4", "--cycle-every", "2", "--output", str(out),
                                  "--engine", "transformers", "--data", str(ZSRE), "--concurrency", "2",
-                                 "--anchors", "built-in"])
+                                 "--anchors", "built-in", "--corrections", "no-its", "--neighbours", "2"])
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
+    assert results["split"] == "report" and results["corrections"] == "no-its"
+    assert results["first_record"] == "zsre-dev-02001" and results["neighbours_per_record"] == 2
+    assert 0.0 <= results["summary"]["memory_tier_at_once"]["neighbour_bleed"] <= 1.0
     assert [c["cycle"] for c in results["cycles"]] == [1, 2]
     assert results["cycles"][1]["retention"] is not None
     s = results["summary"]
