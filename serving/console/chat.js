@@ -84,8 +84,11 @@ async function ask(text) {
     threads.unshift(current);
   }
   const thread = current;
-  // What the model sees: the thread so far, corrected answers as their corrections.
-  const history = thread.turns.filter((t) => !t.error).map((t) => ({ role: t.role, content: t.correction ?? t.content }));
+  // What the model sees: the thread so far, corrected answers as their corrections, and no
+  // exchange that went unanswered.
+  const history = thread.turns
+    .filter((t, i) => !t.error && !thread.turns[i + 1]?.error)
+    .map((t) => ({ role: t.role, content: t.correction ?? t.content }));
   thread.turns.push({ role: "user", content: text });
   const turn = { role: "assistant", content: "", id: null, adapter: null, memories: [], streaming: true };
   thread.turns.push(turn);

@@ -55,14 +55,15 @@ async function load(fresh) {
   else list.append(...cards);
   offset += page.length;
   $("#memory-more").hidden = Boolean(query) || page.length < PAGE;
-  say(status, query ? `${page.length} memor${page.length === 1 ? "y" : "ies"} near “${query}”` : "");
+  const found = page.length ? `${page.length} memor${page.length === 1 ? "y" : "ies"} near “${query}”`
+    : `Nothing in memory near “${query}”.`;
+  say(status, query ? found : "");
   empty();
 }
 
+/** The empty state: shown when the caller has no memory at all (not for a search that found none). */
 function empty() {
-  const none = $("#memory-list").children.length === 0;
-  $("#memory-empty").hidden = !none || Boolean(query);
-  if (none && query) say($("#memory-status"), `Nothing in memory near “${query}”.`);
+  $("#memory-empty").hidden = $("#memory-list").children.length > 0 || Boolean(query);
 }
 
 function state(m) {
