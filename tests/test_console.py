@@ -207,7 +207,7 @@ def test_memory_lists_searches_and_retracts_with_a_confirmation(open_console):
     page.get_by_role("button", name="Search").click()
     expect(cards).to_have_count(1)
     expect(cards.first).to_contain_text(re.compile(r"score 0\.\d\d"))
-    console.shot("memory")
+    console.shot("memory-search")
 
     cards.first.get_by_role("button", name="Retract").click()
     dialog = page.get_by_role("dialog")
@@ -295,6 +295,18 @@ def test_a_consolidation_is_followed_live_and_the_timeline_activates_and_rolls_b
     expect(page.locator("#serving")).to_have_text("ratchet-v1")
     assert console.ratchet.active == "ratchet-v1"
 
+    # Each memory's state: in the weights (with the cycle and its version), or in memory only.
+    console.api("POST", "/v1/memories", json={"question": "What is the capital of Australia?", "answer": "Canberra"})
+    page.goto(f"{console.url}/#memory")
+    cards = page.locator("#memory-list > li")
+    expect(cards).to_have_count(2)
+    expect(cards.first).to_contain_text("in memory only")
+    expect(cards.last).to_contain_text("consolidated in cycle 1 → ratchet-v1")
+    expect(cards.last.get_by_role("button", name="Confirm for the shared adapter")).to_be_hidden()
+    cards.first.get_by_role("button", name="Confirm for the shared adapter").click()
+    expect(cards.first).to_contain_text("Confirmed: the next consolidation may learn it.")
+    console.shot("memory")
+
 
 @pytest.mark.browser
 def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(open_console):
@@ -347,7 +359,7 @@ def test_an_engine_restart_is_shown_as_restarting_until_it_is_back(open_console)
     while console.ratchet.ready and time.monotonic() < deadline:
         time.sleep(0.02)
     answer = ask(page, Q)
-    expect(answer).to_contain_text("Not answered: the engine is restarting")
+    expect(answer).to_contain_text("Not answered: the engine is restarting; retry in a few seconds")
     expect(page.get_by_role("alert").first).to_contain_text("The engine is restarting")
     expect(page.locator("#engine")).to_have_text("echo: restarting")
     console.shot("restarting")

@@ -112,7 +112,7 @@ async function ask(text) {
       slot(node, "text").textContent = turn.content;
     }
   } catch (e) {
-    turn.error = e.status === 503 ? `the engine is restarting (${e.message})` : e.message;
+    turn.error = e.message;
   } finally {
     delete turn.streaming;
     busy = false;

@@ -46,6 +46,7 @@ async function enter() {
     session.admin = !(e instanceof ApiError && e.status === 403);
   }
   document.body.dataset.role = session.admin ? "admin" : "user";
+  document.querySelector("nav").hidden = false;
   for (const link of document.querySelectorAll("nav [data-admin]")) link.hidden = !session.admin;
   $("#forget-key").hidden = !key.get();
   session.ready = true;
@@ -55,6 +56,7 @@ async function enter() {
 function askForKey(message) {
   session.ready = false;
   show("key");
+  document.querySelector("nav").hidden = true;
   $("#key-error").textContent = message;
   $("#forget-key").hidden = true;
   $("#key-input").focus();

@@ -35,6 +35,7 @@ async function loadCycles() {
     const parts = [s.every ? `every ${s.every}` : "no schedule", s.after_corrections ? `after ${s.after_corrections} corrections` : null,
                    s.next_run ? `next run ${when(s.next_run)}` : null];
     $("#schedule").textContent = `Schedule: ${parts.filter(Boolean).join(" · ")}`;
+    $("#cycles-empty").hidden = list.data.length > 0;
     $("#cycles tbody").replaceChildren(...list.data.slice(0, 20).map((c) => {
       const row = document.createElement("tr");
       for (const text of [c.id, c.trigger, c.status, c.adapter ?? "–", c.n_corrections ?? "–", c.message ?? "",
