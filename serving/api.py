@@ -592,12 +592,12 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
         return _error(OpenAIError(e.status_code, str(e.detail)))
 
     # The web console: static files at / that call only the routes above (serving/console/).
-    from pathlib import Path
+    import pathlib
 
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
-    console = Path(__file__).parent / "console"
+    console = pathlib.Path(__file__).parent / "console"
     app.mount("/console", StaticFiles(directory=console), name="console")
     app.add_api_route("/", lambda: FileResponse(console / "index.html"), include_in_schema=False)
     return app

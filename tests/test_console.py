@@ -412,7 +412,7 @@ def test_the_console_calls_only_routes_the_api_has_and_loads_nothing_from_elsewh
     JavaScript calls is a public route of the API."""
     from fastapi.testclient import TestClient
 
-    client = TestClient(create_app(start_ratchet()))
+    client = TestClient(create_app(start_ratchet()), base_url="http://127.0.0.1")  # keyless: its own host only
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert not re.search(r"(src|href)=\"(https?:)?//", page.text)
