@@ -7,6 +7,7 @@ import { $, clone, fill, slot } from "./ui.js";
 
 const THREADS = "ratchet.threads"; // sessionStorage: [{id, title, turns}], like the key, per tab
 const CURRENT = "ratchet.thread"; // sessionStorage: the id of the thread shown
+const HISTORY = 40; // earlier messages sent with a question, the latest (as the server trims its own threads)
 
 let threads = [];
 let current = null;
@@ -15,6 +16,10 @@ let busy = false;
 export function init() {
   threads = JSON.parse(sessionStorage.getItem(THREADS) || "[]");
   current = threads.find((t) => t.id === sessionStorage.getItem(CURRENT)) ?? null;
+  for (const turn of threads.flatMap((t) => t.turns).filter((t) => t.streaming)) {
+    delete turn.streaming; // the page was left while this answer was written
+    if (!turn.id) turn.error = "the page was left before the answer came";
+  }
   $("#ask").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("#question").value.trim();
@@ -88,7 +93,8 @@ async function ask(text) {
   // exchange that went unanswered.
   const history = thread.turns
     .filter((t, i) => !t.error && !thread.turns[i + 1]?.error)
-    .map((t) => ({ role: t.role, content: t.correction ?? t.content }));
+    .map((t) => ({ role: t.role, content: t.correction ?? t.content }))
+    .slice(-HISTORY);
   thread.turns.push({ role: "user", content: text });
   const turn = { role: "assistant", content: "", id: null, adapter: null, memories: [], streaming: true };
   thread.turns.push(turn);
@@ -118,7 +124,9 @@ async function ask(text) {
     busy = false;
     $("#send").disabled = false;
     save();
-    if (current === thread) node.replaceWith(answer(turn, thread.turns.indexOf(turn)));
+    if (current !== thread) return;
+    if (node.isConnected) node.replaceWith(answer(turn, thread.turns.indexOf(turn)));
+    else render(); // the thread was left and opened again while the answer came
   }
 }
 
