@@ -33,7 +33,8 @@ RIGHT = "Illinois Institute of Technology"
 # 2-layer model cannot reach the real bounds, and the timeline should show the figures.
 TINY_CYCLE = CycleConfig(training=TrainingConfig(epochs=1, min_steps=0, batch_size=4, r=4), anchors=False,
                          gate=GateConfig(min_efficacy=0.0, min_paraphrase=0.0, min_retention=0.0, min_locality=0.0,
-                                         max_negative_flips=1.0))
+                                         max_negative_flips=1.0, max_neighbour_bleed=1.0,
+                                         min_neighbour_locality=0.0))
 WAIT_MS = 20_000  # how long the browser waits for something to show (a consolidation: CYCLE_MS)
 CYCLE_MS = 180_000
 
