@@ -3,6 +3,15 @@
 # Idempotent: a second run with unchanged inputs returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The console's browser tests drive Debian's Chromium (playwright is never asked to download one).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "ratchet setup: installing chromium for the browser tests" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "ratchet setup: chromium is missing; the browser tests need it (sudo apt-get install chromium)" >&2
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 VENV=${RATCHET_VENV:-.venv}
 stamp="$VENV/.ratchet-setup"

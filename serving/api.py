@@ -591,4 +591,13 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     async def _http(_: Request, e: HTTPException):
         return _error(OpenAIError(e.status_code, str(e.detail)))
 
+    # The web console: static files at / that call only the routes above (serving/console/).
+    import pathlib
+
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    console = pathlib.Path(__file__).parent / "console"
+    app.mount("/console", StaticFiles(directory=console), name="console")
+    app.add_api_route("/", lambda: FileResponse(console / "index.html"), include_in_schema=False)
     return app

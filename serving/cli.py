@@ -117,7 +117,8 @@ def chat(
 
     def ask(text: str, thread_id: Optional[str]) -> None:
         r = _call(client.chat, text, model=model, memory=memory, user=user, thread_id=thread_id)
-        out.print(r["choices"][0]["message"]["content"])
+        # The answer as the model wrote it (no markup read, no wrapping), ending its own line.
+        typer.echo(r["choices"][0]["message"]["content"].rstrip("\n"))
         used = r.get("ratchet", {}).get("memories") or []
         console.print(f"[dim]{r['id']}" + (f" · {len(used)} correction(s) from memory" if used else "") + "[/dim]")
 
