@@ -21,7 +21,9 @@ def test_neighbour_probes_ask_about_each_new_subject_once():
 
 
 def test_the_gate_rejects_bleed_and_damaged_neighbours_and_judges_them_only_when_probed():
-    gate = GateConfig()
+    assert GateConfig().failures({**OK, "n_neighbours": 8, "neighbour_bleed": 0.75,
+                                  "neighbour_locality_token": 0.2}) == []  # by default: reported, not judged
+    gate = GateConfig(max_neighbour_bleed=0.5, min_neighbour_locality=0.5)
     fine = {**OK, "n_neighbours": 8, "neighbour_bleed": 0.0, "neighbour_locality_token": 0.9}
     assert gate.failures(fine) == []
     assert gate.failures({**fine, "neighbour_bleed": 0.75}) == ["neighbour_bleed 0.750 not <= 0.5"]
@@ -45,7 +47,7 @@ def test_the_gate_rejects_a_candidate_that_leaks_the_correction_into_its_neighbo
 
     monkeypatch.setattr(trainer.gate, "generate", fake_generate)
     new = [Correction(1, Q, "Illinois Institute of Technology", None, "")]
-    report = run_gate(tiny_model, tmp_path / "candidate", None, new, [], GateConfig(max_new_tokens=4), probes=("Hi",))
+    report = run_gate(tiny_model, tmp_path / "candidate", None, new, [], GateConfig(max_new_tokens=4, max_neighbour_bleed=0.5), probes=("Hi",))
     m = report.metrics
     assert m["efficacy"] == 1.0 and m["n_neighbours"] == 2
     assert m["neighbour_bleed"] == 1.0 and m["neighbour_locality_strict"] == 0.0

@@ -45,17 +45,18 @@ class GateConfig:
     min_memory_probes: int = 8  # fewer probes than this: the memory check is reported, not judged
     max_new_tokens: int = 24  # length of the answers the gate generates
     # Neighbours: template questions about the new corrections' subjects (trainer.neighbours), the
-    # candidate's answers against the base model's, retrieval off. These bounds stop an adapter that
-    # rewrites what the model says about a corrected subject or leaks the corrected answer into it.
-    max_neighbour_bleed: float = 0.5  # share of neighbour answers giving the corrected answer where the base's did not
-    min_neighbour_locality: float = 0.5  # token-level agreement with the base's neighbour answers
+    # candidate's answers against the base model's, retrieval off. Bounds stop an adapter that
+    # rewrites what the model says about a corrected subject or leaks the corrected answer into it;
+    # None: measured and reported, not judged (the default recipe has no measured bound yet).
+    max_neighbour_bleed: float | None = None  # share of neighbour answers giving the corrected answer where the base's did not
+    min_neighbour_locality: float | None = None  # token-level agreement with the base's neighbour answers
     neighbour_probes: int = 16  # new corrections whose subjects are probed, at most
     neighbour_templates: int = 2  # template questions per subject
 
     def __post_init__(self):
         for name in ("min_efficacy", "min_paraphrase", "min_retention", "min_locality", "max_negative_flips",
                      "max_memory_drop", "max_neighbour_bleed", "min_neighbour_locality"):
-            if not 0 <= getattr(self, name) <= 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1] (got {getattr(self, name)}): it is a share of answers")
         for name in ("memory_probes", "min_memory_probes", "neighbour_probes", "neighbour_templates"):
             if getattr(self, name) < 0:
@@ -74,8 +75,8 @@ class GateConfig:
             ("negative_flips", self.max_negative_flips, "<="),
         ]
         if metrics.get("n_neighbours"):
-            checks += [("neighbour_bleed", self.max_neighbour_bleed, "<="),
-                       ("neighbour_locality_token", self.min_neighbour_locality, ">=")]
+            checks += [(name, bound, op) for name, bound, op in (("neighbour_bleed", self.max_neighbour_bleed, "<="),
+                       ("neighbour_locality_token", self.min_neighbour_locality, ">=")) if bound is not None]
         if metrics.get("n_memory_probes", 0) >= self.min_memory_probes:
             floor = round(metrics["base_memory_followed"] - self.max_memory_drop, 4)
             checks.append(("memory_followed", floor, ">="))
