@@ -16,9 +16,8 @@ from agent.protocol import Completion
 from memory.text import SAME_QUESTION_SCORE, answer_of, gives
 
 # Similarity of the asked question to a memory's at which the memory is taken as the same
-# question: the one the memory uses (memory.text.SAME_QUESTION_SCORE). On zsRE dev records
-# 1-2000, 0.5% of neighbour questions and half of the paraphrases reach it
-# (evals/same_question.py, reports/memory-tier/same_question.md).
+# question: the one the memory uses (memory.text.SAME_QUESTION_SCORE); few neighbour questions
+# reach it (reports/memory-tier/same_question.md).
 REPAIR_SCORE = SAME_QUESTION_SCORE
 
 
