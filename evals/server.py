@@ -44,11 +44,7 @@ class RatchetServer:
         env = {**os.environ, **self.extra_env}
         if self.models_dir:
             env["RATCHET_MODELS_DIR"] = str(self.models_dir)
-        cmd = [sys.executable, "-m", "serving.cli", "serve", "--engine", self.engine, "--port", str(self.port),
-               "--data-dir", str(self.data_dir)]
-        if self.model:
-            cmd += ["--model", self.model]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -61,6 +57,12 @@ class RatchetServer:
             time.sleep(1)
         self.__exit__(None, None, None)
         raise TimeoutError(f"ratchet serve was not ready after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def command(self) -> list[str]:
+        """The command that starts the server."""
+        cmd = [sys.executable, "-m", "serving.cli", "serve", "--engine", self.engine, "--port", str(self.port),
+               "--data-dir", str(self.data_dir)]
+        return cmd + ["--model", self.model] if self.model else cmd
 
     def __exit__(self, *exc) -> None:
         import psutil

@@ -231,13 +231,6 @@ class ScopedIndex:
             if index.dirty or not only_dirty or (len(index) and not index.path.exists()):
                 index.save()
 
-    def clear(self) -> None:
-        """Forget every scope and delete the files (before a rebuild)."""
-        with self._lock:
-            self._scopes.clear()
-        for path in self.folder.glob("*.faiss*"):
-            path.unlink(missing_ok=True)
-
     def search(self, users: list[str | None], vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The `k` best (id, score) pairs over the scopes of `users` (None = shared)."""
         pairs: list[tuple[int, float]] = []

@@ -80,10 +80,15 @@ class IndexSync:
             return self._rebuild()
 
     def _rebuild(self) -> int:
-        self.index.clear()
+        # Each scope's contents are replaced in one step, so a search meanwhile sees the old index or
+        # the new one, never an empty one.
+        live = self._live_by_scope()
+        for name, index in self.index.scopes().items():
+            if name not in live:
+                index.reset(np.zeros(0, np.int64), np.zeros((0, self.index.dim), np.float32))
         total = 0
-        for user, ids in self._live_by_scope().values():
-            self.index.scope(user, load=False).reset(*self.vectors_for(sorted(ids)))
+        for user, ids in live.values():
+            self.index.scope(user).reset(*self.vectors_for(sorted(ids)))
             total += len(ids)
         self.index.save(only_dirty=False)
         return total

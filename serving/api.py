@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ from serving.service import (
     Busy,
     Caller,
     Forbidden,
+    Invalid,
     NotServable,
     QuotaExceeded,
     Ratchet,
@@ -270,7 +272,7 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
 
     @router.get("/v1/memories")
     def memories(who: Caller = Depends(caller), query: Text | None = None,
-                 limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0),
+                 limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=2**31),
                  threshold: float | None = Query(None, ge=-1.0, le=1.0)):
         """With `query`: the caller's visible memories nearest to it (newest-wins applied); without:
         the caller's visible memories, newest first."""
@@ -323,7 +325,7 @@ def failures_router(r: Ratchet, caller) -> APIRouter:
     @router.get("/v1/failures")
     def failures(who: Caller = Depends(caller), kind: Literal[FAILURE_KINDS] | None = None,  # type: ignore[valid-type]
                  user: Name | None = None, open: bool = False, limit: int = Query(50, ge=1, le=500),
-                 offset: int = Query(0, ge=0)):
+                 offset: int = Query(0, ge=0, le=2**31)):
         rows = r.failures(who, kind=kind, user=user, open_only=open, limit=limit, offset=offset)
         return {"object": "list", "data": [_failure(f) for f in rows]}
 
@@ -376,7 +378,7 @@ def adapters_router(r: Ratchet, caller) -> APIRouter:
     @router.post("/v1/adapters/{version}/activate")
     def activate(version: Name, who: Caller = Depends(caller)):
         number = version.removeprefix("ratchet-v").removeprefix("v")
-        if not number.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", number):  # ASCII digits that fit SQLite's integers
             raise OpenAIError(404, f"no adapter {version!r}", code="adapter_not_found", param="version")
         target = r.activate(who, int(number))
         return {"object": "adapter.activation", "active": r.active, "adapter": _adapter(r, target), **r.last_switch}
@@ -449,6 +451,8 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
         return shaped(403, str(e), "permission_error", "not_allowed")
     if isinstance(e, NotServable):
         return shaped(409, str(e), code="adapter_not_servable")
+    if isinstance(e, Invalid):
+        return shaped(400, str(e), code="invalid_request")
     if isinstance(e, (TooLarge, ThreadFull)):
         return shaped(400, str(e), code="thread_full" if isinstance(e, ThreadFull) else "too_large")
     if isinstance(e, QuotaExceeded):
@@ -467,7 +471,7 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
 
 # The exceptions _error_body maps, each to its own status (anything else is a 500).
 KNOWN_ERRORS = (UnknownResponse, UnknownModel, UnknownAdapter, UnknownCycle, UnknownMemory, UnknownFailure,
-                UnknownThread, Forbidden, NotAllowed, NotServable, TooLarge, ThreadFull, QuotaExceeded, Busy,
+                UnknownThread, Forbidden, NotAllowed, NotServable, Invalid, TooLarge, ThreadFull, QuotaExceeded, Busy,
                 EngineError, OpenAIError)
 
 

@@ -90,8 +90,10 @@ class ApiKeys:
         return self.db.execute("select 1 from api_keys where revoked_at is null limit 1").fetchone() is not None
 
     def verify(self, token: str) -> ApiKey | None:
-        """The live key for `token`, or None."""
-        rows = list(self.db["api_keys"].rows_where("hash = ? and revoked_at is null", [digest(token)]))
+        """The live key for `token`, or None (also for a key an older Ratchet made for the keyless
+        operator's name, which would otherwise pass as the operator)."""
+        rows = list(self.db["api_keys"].rows_where("hash = ? and revoked_at is null and user != ?",
+                                                   [digest(token), LOCAL_USER]))
         return _key(rows[0]) if rows else None
 
 

@@ -90,6 +90,10 @@ class QuotaExceeded(RuntimeError):
     """The user keeps as many memories as one user may (settings.limits.memories_per_user)."""
 
 
+class Invalid(ValueError):
+    """The request cannot be carried out as asked (e.g. a lesson for a failure that has no question)."""
+
+
 class DataDirInUse(ValueError):
     """Another Ratchet serves this data directory."""
 
@@ -467,6 +471,8 @@ class Ratchet:
         """Turn a failure into a correction of its question (for the user who asked, or everyone)."""
         self._admin(caller, "a lesson from a failure")
         self._note_within_limits(answer=answer)
+        if not self.memory.failures.get(failure_id)["prompt"]:
+            raise Invalid(f"failure {failure_id} has no question to correct")
         memory_id = self.memory.failures.lesson(failure_id, answer, shared=shared)
         self._corrected()
         return self.memory.failures.get(failure_id), self.memory.corrections.get(memory_id, None, admin=True)

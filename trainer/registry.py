@@ -83,6 +83,9 @@ class AdapterRegistry:
             raise FileNotFoundError(f"{path} holds no PEFT adapter")
         manifest = {"version": version, "name": adapter_name(version), "parent": parent, "cycle_id": cycle_id,
                     "created_at": now(), **manifest}
+        for file in path.iterdir():  # the adapter's own files reach the disk before it can be served
+            if file.is_file():
+                _fsync(file)
         _write_durably(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
         with atomic(self.db):
             self.db["adapters"].insert(
@@ -150,11 +153,16 @@ def _write_durably(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's contents, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 def _version(row: dict) -> AdapterVersion:

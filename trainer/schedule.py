@@ -57,6 +57,7 @@ class Schedule:
         self.config = config
         self._scheduler = None
         self._lock = threading.Lock()  # check-then-submit is one step
+        self._waiting: int | None = None  # corrections waiting, at most (None: not counted yet)
 
     def start(self) -> None:
         if not self.config.every:
@@ -91,6 +92,13 @@ class Schedule:
         if n is None:
             return None
         with self._lock:
-            if self.cycles.busy() or len(self.cycles.pending()) < n:
+            # Counting the corrections that wait reads them all; it is done again only once as many
+            # new ones have come as could make a cycle due (an upper bound: some may not be admitted).
+            self._waiting = len(self.cycles.pending()) if self._waiting is None else self._waiting + 1
+            if self._waiting < n:
                 return None
+            self._waiting = len(self.cycles.pending())
+            if self._waiting < n or self.cycles.busy():
+                return None
+            self._waiting = None  # the cycle takes them: counted afresh next time
             return self.cycles.submit(trigger=f"after {n} corrections")
