@@ -10,7 +10,6 @@ from evals.lora_overhead import synthetic_adapter
 from serving.api import create_app
 from serving.service import Ratchet
 from serving.settings import Settings
-from trainer.registry import AdapterRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -36,13 +35,12 @@ def test_vllm_streams_swaps_and_comes_back_after_a_kill(tmp_path, base_model, li
     data = tmp_path / "data"
     settings = Settings(data_dir=data, model=base_model, engine="vllm", monitor_interval=0.5, adapter_scope=0)
     r = Ratchet(settings)
-    registry = AdapterRegistry(r.memory.db, data / "adapters")
+    registry = r.registry  # the one that owns the active version
     for n in (1, 2):
         synthetic_adapter(base_model, registry.folder_for(n), r=8, seed=n)
         registry.register(n, parent=None, cycle_id=None, manifest={})
         registry.set_status(n, "promoted")
     registry.activate(1)
-    r.active = "ratchet-v1"
     r.start()
     try:
         with live_server(create_app(r)) as server:
