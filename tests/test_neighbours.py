@@ -1,7 +1,7 @@
 """Judging a correction by its content, and the neighbourhood measures (trainer.neighbours)."""
 
 from memory.text import answer_of, gives, is_correct, key_words
-from trainer.neighbours import (NEIGHBOUR_TEMPLATES, bleed, neighbour_questions, neighbour_scores, subject_of,
+from trainer.neighbours import (ANCHOR_TEMPLATES, NEIGHBOUR_TEMPLATES, anchor_questions, bleed, neighbour_questions, neighbour_scores, subject_of,
                                 template_neighbours)
 
 ZARNOTH = "The ship that carried the first settlers to Zarnoth was the Velmaris."
@@ -59,3 +59,15 @@ def test_a_leaked_answer_counts_as_bleed_and_a_changed_neighbour_against_localit
                               ["The Velmaris.", "A ship.", "A French actor."])  # a fake adapter moved two
     assert scores == {"neighbour_locality_strict": 1 / 3, "neighbour_bleed": 1 / 3, "n_neighbours": 3}
     assert neighbour_scores([], [], [])["neighbour_bleed"] is None
+
+
+def test_anchor_questions_name_each_subject_once_and_never_a_corrected_question():
+    questions = ["What university did Watts Humphrey attend?", "Where was Watts Humphrey born?", "what is it?"]
+    got = anchor_questions(questions, 2, exclude=["What is Watts Humphrey?"])
+    assert len(got) in (1, 2) and all("Watts Humphrey" in q for q in got)
+    assert "What is Watts Humphrey?" not in got
+    assert len(anchor_questions(questions, len(ANCHOR_TEMPLATES))) == len(ANCHOR_TEMPLATES) - 0
+    # across subjects, every template is trained on
+    subjects = [f"Person {c}" for c in "ABCDEFGHIJKL"]
+    asked = anchor_questions([f"Where was {s} born?" for s in subjects], 1)
+    assert {q.replace(s, "{s}") for q, s in zip(asked, subjects)} == set(ANCHOR_TEMPLATES)

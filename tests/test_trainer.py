@@ -122,6 +122,16 @@ def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
     assert some.steps == 2 * 2  # (2 + 4) / 4, twice
 
 
+def test_pinned_anchors_are_trained_every_epoch_not_drawn_in_turn(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
+    examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(10)]
+    examples += [Example(f"Who is number {i}?", str(i), distill=True, pinned=True) for i in range(4)]
+    some = train_lora(tiny_model, examples, tmp_path / "b", replace(FAST, epochs=2, anchors_per_epoch=2))
+    assert some.steps == 2 * 2  # (2 corrections + 4 pinned + 2 drawn) / 4 a batch, twice
+
+
 def test_batches_group_rows_of_similar_length_and_keep_every_row_once():
     import random
 
@@ -370,6 +380,30 @@ def test_a_cycle_trains_registers_and_hands_over_the_new_corrections(memory, tin
     assert again["message"] == "no new corrections"
 
 
+def test_neighbour_anchors_replay_the_bases_answers_about_the_corrected_subject(memory, tmp_path, monkeypatch):
+    from trainer import anchors
+    from trainer.neighbours import ANCHOR_TEMPLATES, NEIGHBOUR_TEMPLATES
+
+    asked = []
+    monkeypatch.setattr(anchors, "_generate", lambda base, prompts, n: asked.extend(prompts) or [
+        {"text": f"base answer to {p}", "complete": True} for p in prompts])
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    cycles = Cycles(memory, registry, "base", CycleConfig(anchors=False, neighbour_anchors=2), tmp_path,
+                    on_promote=lambda a: None)
+    memory.add_correction(Q, "Illinois Institute of Technology")
+    examples, plan = cycles.plan(memory.corrections.live(), memory.corrections.live())
+    pinned = [e for e in examples if e.pinned]
+    assert plan["neighbour_anchors"] == 2 and len(pinned) == 2
+    assert all("Watts Humphrey" in e.prompt and e.distill and e.answer == f"base answer to {e.prompt}" for e in pinned)
+    # never a question the benchmark and the gate measure neighbours with
+    measured = {t.format(s="Watts Humphrey") for t in NEIGHBOUR_TEMPLATES}
+    assert not measured & {t.format(s="Watts Humphrey") for t in ANCHOR_TEMPLATES}
+    # the base's answers are kept: a second plan asks the base model nothing new
+    n = len(asked)
+    cycles.plan(memory.corrections.live(), memory.corrections.live())
+    assert len(asked) == n == 2
+
+
 def test_a_failed_promotion_fails_the_cycle_and_keeps_the_corrections_pending(memory, tiny_model, tmp_path):
     registry = AdapterRegistry(memory.db, tmp_path / "adapters")
 
@@ -492,6 +526,7 @@ def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, m
     (lambda: CycleConfig(templates=5), "templates must be between 1 and 4"),
     (lambda: CycleConfig(replay_earlier=-1), "replay_earlier must not be negative"),
     (lambda: CycleConfig(anchor_tokens=0), "anchor_tokens must be at least 1"),
+    (lambda: CycleConfig(neighbour_anchors=7), "neighbour_anchors must be between 0 and 6"),
 ])
 def test_a_config_that_cannot_work_is_refused_when_made(make, message):
     with pytest.raises(ValueError, match=message):

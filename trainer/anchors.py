@@ -271,15 +271,17 @@ def load_prompts(path: str | Path) -> tuple[str, ...]:
 
 
 def base_answers(base_model: str, cache: Path, prompts=GENERAL_PROMPTS, max_new_tokens: int = 32) -> list[Example]:
-    """The base model's greedy answers to `prompts`, computed once and cached in `cache`."""
+    """The base model's greedy answers to `prompts`, each computed once and kept in `cache`."""
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     key = f"{base_model}|{max_new_tokens}|v2"
-    if key not in cached or set(cached[key]) != set(prompts):
-        cached[key] = dict(zip(prompts, _generate(base_model, list(prompts), max_new_tokens)))
+    known = cached.setdefault(key, {})
+    missing = [p for p in dict.fromkeys(prompts) if p not in known]
+    if missing:
+        known.update(zip(missing, _generate(base_model, missing, max_new_tokens)))
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(cached, indent=2))
     # A cut-off answer is trained without an end of turn, so replay does not teach stopping early.
-    return [Example(p, a["text"], complete=a["complete"], distill=True) for p, a in cached[key].items()]
+    return [Example(p, known[p]["text"], complete=known[p]["complete"], distill=True) for p in dict.fromkeys(prompts)]
 
 
 def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[dict]:

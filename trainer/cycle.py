@@ -16,7 +16,7 @@ import resource
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable
@@ -27,6 +27,7 @@ from trainer.anchors import BUILT_IN_ANCHORS, base_answers
 from trainer.dataset import TEMPLATES, Example, examples_for, memory_examples
 from trainer.gate import GateConfig, GateReport, run_gate
 from trainer.lora import TrainingConfig, train_lora
+from trainer.neighbours import ANCHOR_TEMPLATES, anchor_questions
 from trainer.registry import AdapterRegistry, AdapterStatus, AdapterVersion
 
 log = logging.getLogger("ratchet.cycles")
@@ -56,6 +57,10 @@ class CycleConfig:
     # own questions keep those answers in place best: see reports/consolidation/report.md).
     anchor_prompts: tuple[str, ...] = BUILT_IN_ANCHORS
     anchor_tokens: int = 16  # length of those replayed answers (shorter: cheaper steps)
+    # Neighbour anchors: per subject of a new correction, this many other questions about it
+    # (trainer.neighbours.ANCHOR_TEMPLATES) trained towards the base model's answers, so that the
+    # adapter changes the corrected answer and not everything it says about the subject; 0: none.
+    neighbour_anchors: int = 0
     continue_from_active: bool = True  # start from the active adapter (else retrain from the base)
     # Earlier corrections replayed per new one, when continuing, so that they are not forgotten
     # (see reports/consolidation/report.md).
@@ -73,6 +78,10 @@ class CycleConfig:
         if self.replay_earlier < 0:
             raise ValueError(f"replay_earlier must not be negative (got {self.replay_earlier}): "
                              "it is how many earlier corrections are replayed per new one")
+        if not 0 <= self.neighbour_anchors <= len(ANCHOR_TEMPLATES):
+            raise ValueError(f"neighbour_anchors must be between 0 and {len(ANCHOR_TEMPLATES)} (got "
+                             f"{self.neighbour_anchors}): it is how many of trainer.neighbours.ANCHOR_TEMPLATES "
+                             "are asked per subject")
         if self.anchor_tokens < 1:
             raise ValueError(f"anchor_tokens must be at least 1 (got {self.anchor_tokens}): "
                              "an anchor without an answer teaches nothing")
@@ -205,6 +214,12 @@ class Cycles:
         if cfg.anchors:
             examples += base_answers(self.base_model, self.work_dir / "anchors.json", cfg.anchor_prompts,
                                      max_new_tokens=cfg.anchor_tokens)
+        if cfg.neighbour_anchors:  # the new corrections' subjects: earlier ones were anchored in their cycles
+            questions = anchor_questions([c.question for c in (corrections if init is None else new)],
+                                         cfg.neighbour_anchors,
+                                         exclude=[c.question for c in corrections])
+            examples += [replace(e, pinned=True) for e in base_answers(
+                self.base_model, self.work_dir / "anchors.json", questions, max_new_tokens=cfg.anchor_tokens)]
         return examples, {
             "start": "active" if init else "base",
             "init_adapter": init,
@@ -213,6 +228,7 @@ class Cycles:
             "correction_examples": n_corrections,
             "replayed_earlier": replayed,
             "anchor_examples": len(examples) - n_corrections,
+            "neighbour_anchors": sum(e.pinned for e in examples),
         }
 
     def run(self, cycle_id: int) -> dict:

@@ -29,6 +29,9 @@ class Example:
     correction_id: int | None = None
     complete: bool = True  # False: a truncated answer, trained without an end of turn
     distill: bool = False  # an anchor: trained to match the base model's next-token distribution (KL)
+    # An anchor trained every epoch, like a correction, rather than drawn in turn with the general
+    # ones (trainer.lora.TrainingConfig.anchors_per_epoch): a neighbour of this cycle's corrections.
+    pinned: bool = False
     # Retrieved memories (question, answer) shown before the prompt, in the order they appear.
     context: tuple[tuple[str, str], ...] = ()
 
@@ -87,7 +90,7 @@ def encode(tokenizer, example: Example, max_len: int) -> dict:
     answer_ids = tokenizer(example.answer + end, add_special_tokens=False)["input_ids"]
     ids = (list(prompt_ids) + list(answer_ids))[:max_len]
     labels = ([-100] * len(prompt_ids) + list(answer_ids))[:max_len]
-    return {"input_ids": ids, "labels": labels, "distill": example.distill}
+    return {"input_ids": ids, "labels": labels, "distill": example.distill, "pinned": example.pinned}
 
 
 def _end_of_turn(tokenizer) -> str:

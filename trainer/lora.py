@@ -117,8 +117,8 @@ def train_lora(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    anchors = [i for i, x in enumerate(data) if x["distill"]]
-    others = [i for i, x in enumerate(data) if not x["distill"]]
+    anchors = [i for i, x in enumerate(data) if x["distill"] and not x.get("pinned")]
+    others = [i for i, x in enumerate(data) if not x["distill"] or x.get("pinned")]
     random.shuffle(anchors)
     per_epoch = min(config.anchors_per_epoch or len(anchors), len(anchors))
     batches_per_epoch = math.ceil((len(others) + per_epoch) / config.batch_size)

@@ -25,6 +25,19 @@ NEIGHBOUR_TEMPLATES = (
     "Tell me one fact about {s}.",
 )
 
+# Other questions about a corrected subject that training replays with the base model's answers
+# (neighbour anchors, trainer.cycle.CycleConfig.neighbour_anchors), so that an adapter learns the
+# corrected fact rather than "subject → answer". Kept apart from NEIGHBOUR_TEMPLATES, which
+# measure it: a locality that held only on trained phrasings would not hold for users.
+ANCHOR_TEMPLATES = (
+    "What is {s}?",
+    "Give me some background on {s}.",
+    "Which country is {s} connected with?",
+    "What do people say about {s}?",
+    "Describe {s} in one sentence.",
+    "What kind of thing is {s}?",
+)
+
 _QUESTION_WORDS = frozenset("what which who whom whose where when why how is are was were did do does in of the "
                             "a an tell name".split())
 _CAPITALISED = re.compile(r"[A-Z0-9][\w'’.-]*")
@@ -33,6 +46,22 @@ _CAPITALISED = re.compile(r"[A-Z0-9][\w'’.-]*")
 def template_neighbours(subject: str, k: int = len(NEIGHBOUR_TEMPLATES)) -> list[str]:
     """The first `k` template questions about `subject`."""
     return [t.format(s=subject.strip()) for t in NEIGHBOUR_TEMPLATES[:k]]
+
+
+def anchor_neighbours(subject: str, k: int) -> list[str]:
+    """`k` of ANCHOR_TEMPLATES about `subject`, starting at a place the subject picks, so that
+    across subjects every template is trained on."""
+    s = subject.strip()
+    start = sum(s.encode()) % len(ANCHOR_TEMPLATES)
+    return [ANCHOR_TEMPLATES[(start + i) % len(ANCHOR_TEMPLATES)].format(s=s) for i in range(min(k, len(ANCHOR_TEMPLATES)))]
+
+
+def anchor_questions(questions: list[str], k: int, exclude: list[str] = ()) -> list[str]:
+    """Neighbour anchors for corrected `questions`: `k` anchor questions per subject named in them
+    (subject_of), a subject once, none that is one of `questions` or `exclude` (a corrected one)."""
+    asked = {normalise(q) for q in [*questions, *exclude]}
+    subjects = dict.fromkeys(s for s in map(subject_of, questions) if s)
+    return [q for s in subjects for q in anchor_neighbours(s, k) if normalise(q) not in asked]
 
 
 def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEIGHBOUR_TEMPLATES),
