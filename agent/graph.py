@@ -18,7 +18,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
 from agent.protocol import ChatModel, Completion
-from agent.repair import repaired, same_question_memory
+from agent.repair import repaired, same_question_memory, steered
 from memory import Memory
 from memory import RELEVANCE_THRESHOLD
 from memory.text import with_memories
@@ -37,6 +37,9 @@ class ChatState(TypedDict, total=False):
     thread_id: str | None
     stream: bool  # respond token by token, through LangGraph's custom stream ({"delta": text})
     memories: list[dict]
+    # corrections that may change this answer: the memories shown, and those that put the question
+    # in the adapter's scope (agent.repair.steered)
+    in_play: list[dict]
     completion: dict
     latency_ms: float
     retrieval_ms: float
@@ -70,7 +73,7 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         use_memory = state.get("use_memory", True)
         scoped = scope is not None and state.get("adapter") is not None
         if not question or not (use_memory or scoped):
-            return {"memories": [], "retrieval_ms": 0.0}
+            return {"memories": [], "in_play": [], "retrieval_ms": 0.0}
         started = time.perf_counter()
         # One search serves both: the hits above the relevance threshold are a prefix of those
         # above a lower scope.
@@ -84,8 +87,10 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
                 for h in hits if use_memory and h.score >= threshold
             ]
         }
-        if scoped and not any(h.score >= scope for h in hits):
+        in_scope = [{"id": h.correction.id, "answer": h.correction.answer} for h in hits if scoped and h.score >= scope]
+        if scoped and not in_scope:
             out["adapter"] = None  # out of the adapter's scope: the base model answers
+        out["in_play"] = out["memories"] + [c for c in in_scope if c["id"] not in {m["id"] for m in out["memories"]}]
         return out
 
     def respond(state: ChatState) -> dict:
@@ -94,10 +99,12 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         started = time.perf_counter()
         options = dict(adapter=state.get("adapter"), max_tokens=state.get("max_tokens", 256),
                        temperature=state.get("temperature", 0.0))
-        # Verify and repair (agent.repair): with a memory of the very question asked, the answer is
-        # checked before anyone sees it, so a stream then sends the checked answer in one piece.
+        # Verify and repair (agent.repair): an answer a correction may have changed is checked
+        # before anyone sees it, so a stream then sends the checked answer in one piece.
         same = same_question_memory(memories)
-        if state.get("stream") and same is None:
+        in_play = state.get("in_play", [])
+        answered_by = {}
+        if state.get("stream") and same is None and not in_play:
             write = get_stream_writer()
             completion = None
             pieces, sent = model.stream(prompt, **options), []  # text pieces, then the whole Completion
@@ -117,16 +124,23 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
                     return {"recorded": True}
         else:
             completion = model.complete(prompt, **options)
-            fixed = repaired(completion, same, _last_user_message(state["messages"]))
+            question = _last_user_message(state["messages"])
+            fixed = repaired(completion, same, question)
             if fixed is not None:
                 log.info("answer replaced by memory %s, which it ignored: %r", same.get("id"), completion.text[:80])
                 completion = fixed
+            elif steered(completion, in_play, question):
+                # changed by corrections it does not give: the base model answers, shown none of them
+                prompt = _latest(state["messages"], history)
+                completion = model.complete(prompt, **{**options, "adapter": None})
+                answered_by = {"adapter": None}
             if state.get("stream"):
                 get_stream_writer()({"delta": completion.text})
         return {
             "messages": [{"role": "assistant", "content": completion.text}],
             "completion": {**completion.__dict__, "prompt": prompt},
             "latency_ms": (time.perf_counter() - started) * 1000,
+            **answered_by,
         }
 
     def record(state: ChatState) -> dict:

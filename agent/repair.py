@@ -1,5 +1,5 @@
 """Verify and repair: an answer that ignores a correction of the very question asked is replaced
-by the correction.
+by the correction, and an answer a correction changed without giving it is not served.
 
 The small model often answers something else although the memory of the question was in its
 prompt (reports/memory-tier/report.md: most memory-tier misses were such, not retrieval misses).
@@ -8,6 +8,13 @@ and the answer does not give the memory's answer (memory.text.gives), the agent 
 the correction's answer span instead. Below REPAIR_SCORE the memory stays a hint the model may
 follow or not: there it is as likely another question about the same subject, whose answer the
 correction must not take over (bleed).
+
+A retrieved memory or an adapter in scope changes answers it has no business changing: shown
+"Tours" for a question about someone's birthplace, the model rewrites its answer to "Who is X?"
+too, and an adapter trained on the correction answers every question about X differently
+(reports/memory-tier/report.md, reports/consolidation/). Such an answer gives none of the
+corrections that could have changed it; the base model then answers the conversation as if there
+were none (`steered`).
 """
 
 from __future__ import annotations
@@ -34,3 +41,9 @@ def repaired(completion: Completion, memory: dict | None, question: str) -> Comp
         return None
     return Completion(text=answer_of(memory["answer"]), prompt_tokens=completion.prompt_tokens,
                       completion_tokens=completion.completion_tokens, finish_reason="stop")
+
+
+def steered(completion: Completion, corrections: list[dict], question: str) -> bool:
+    """Was `completion` changed by `corrections` (the memories shown, the corrections that put
+    the question in an adapter's scope) without giving any of them? Then it is not served."""
+    return bool(corrections) and not any(gives(c["answer"], completion.text, question) for c in corrections)

@@ -74,6 +74,7 @@ class EchoModel:
         self.entered = threading.Event()  # set when an answer starts
         self.strict = False  # True: an adapter that is not loaded fails the request, as in a real engine
         self.refuse = False  # True: alive, but every answer fails (an engine error, not a dead engine)
+        self.taught: dict[str, str] = {}  # adapter → what it answers, whatever it is asked
 
     def complete(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         from agent.protocol import Completion
@@ -90,7 +91,7 @@ class EchoModel:
         if self.strict and adapter is not None and adapter not in self.loaded:
             raise EngineError(f"adapter {adapter!r} is not loaded")
         shots = [m["content"] for m in messages[:-1] if m["role"] == "assistant"]
-        text = shots[-1] if shots else "I do not know"
+        text = self.taught.get(adapter) or (shots[-1] if shots else "I do not know")
         return Completion(text=text, prompt_tokens=len(messages), completion_tokens=len(text.split()))
 
     def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):

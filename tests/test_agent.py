@@ -48,12 +48,36 @@ def test_the_adapter_is_passed_to_the_model(memory, echo_model):
 def test_with_a_scope_the_adapter_answers_only_questions_near_a_correction(memory, echo_model):
     memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
     agent = Agent(memory, echo_model, scope=0.7)
+    echo_model.taught["ratchet-v3"] = "Illinois Institute of Technology"
     near = agent.chat([{"role": "user", "content": "Which university did Watts Humphrey go to?"}], user="ann",
                       adapter="ratchet-v3", use_memory=False)
     assert echo_model.calls[-1]["adapter"] == "ratchet-v3" and near.adapter == "ratchet-v3" and near.memories == []
     far = agent.chat([{"role": "user", "content": "How many legs does a spider have?"}], user="ann", adapter="ratchet-v3")
     assert echo_model.calls[-1]["adapter"] is None and far.adapter is None
     assert memory.interactions.get(far.response_id)["adapter"] is None  # recorded as what answered
+
+
+def test_an_answer_a_correction_changed_without_giving_it_is_the_base_models(memory, echo_model):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    agent = Agent(memory, echo_model, scope=0.5)
+    echo_model.taught["ratchet-v3"] = "Hugh Redfield Humphrey"  # an adapter that rewrote the whole subject
+    asked = [{"role": "user", "content": "Who is Watts Humphrey?"}]
+    reply = agent.chat(asked, user="ann", adapter="ratchet-v3", use_memory=False)
+    assert [c["adapter"] for c in echo_model.calls] == ["ratchet-v3", None]
+    assert reply.text == "I do not know" and reply.adapter is None  # the base model's own answer
+    assert memory.interactions.get(reply.response_id)["adapter"] is None
+    # a stream whose answer a correction may change is checked first, then sent in one piece
+    *pieces, streamed = agent.stream(asked, user="ann", adapter="ratchet-v3", use_memory=False)
+    assert pieces == ["I do not know"] and streamed.adapter is None
+    # an answer that gives the correction stands
+    echo_model.taught["ratchet-v3"] = "He went to the Illinois Institute of Technology."
+    assert agent.chat(asked, user="ann", adapter="ratchet-v3", use_memory=False).adapter == "ratchet-v3"
+    # a memory shown to another question about the subject, and not given: the answer without it
+    unscoped = Agent(memory, echo_model, threshold=0.5)
+    echo_model.taught["ratchet-v3"] = "Hugh Redfield Humphrey"
+    shown = unscoped.chat(asked, user="ann", adapter="ratchet-v3")
+    assert shown.memories and echo_model.calls[-1]["adapter"] is None and shown.text == "I do not know"
+    assert not any(m["role"] == "assistant" for m in echo_model.calls[-1]["messages"])  # shown no memory
 
 
 def test_a_thread_keeps_its_history_across_calls(memory, echo_model, tmp_path):
