@@ -126,6 +126,18 @@ VARIANTS = {
                                                             "distill_weight": 3.0, "anchors_per_epoch": 120},
                                                   anchors="general+nq", templates=2, anchor_tokens=16,
                                                   cycle={"replay_earlier": 0.5, "memory_examples": True}),
+    # the server's default recipe with neighbour anchors: per new correction's subject, 2 or 4 other
+    # questions about it (trainer.neighbours.ANCHOR_TEMPLATES) replayed with the base's answers
+    "replay-everyday-quarter-w3-mem-4ep-nb2": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                             "distill_weight": 3.0}, anchors="general+everyday",
+                                                   templates=2, anchor_tokens=16,
+                                                   cycle={"replay_earlier": 3.0, "memory_examples": True,
+                                                          "neighbour_anchors": 2}),
+    "replay-everyday-quarter-w3-mem-4ep-nb4": dict(training={"epochs": 4, "learning_rate": 2e-3, "layers_from": 0.75,
+                                                             "distill_weight": 3.0}, anchors="general+everyday",
+                                                   templates=2, anchor_tokens=16,
+                                                   cycle={"replay_earlier": 3.0, "memory_examples": True,
+                                                          "neighbour_anchors": 4}),
     "no-replay-quarter": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75}, anchors="none",
                               templates=2, anchor_tokens=0),
     # the server's default recipe of 2026-12-01 (--cycles only): replay-nq-upper-w3, earlier corrections
@@ -247,6 +259,60 @@ def run_variant(name: str, n: int, base: str, out: Path) -> dict:
     }
 
 
+# Adapter scopes swept when serving is replayed: a question reaches the adapter when a stored
+# correction is at least this similar (agent.graph; memory.ADAPTER_SCOPE is the one in use).
+SCOPES = (0.0, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95)
+
+
+def neighbour_figures(model, tok, memory, batch: list[dict], answers_p: list[str], k: int = 6) -> dict:
+    """The adapter on its corrections' neighbourhoods (trainer.neighbours.NEIGHBOUR_TEMPLATES about
+    each record's subject, the base model's answers as reference), alone and as served: for each
+    scope in SCOPES, the adapter answers a question whose nearest stored correction is at least
+    that similar and the base model the rest (generalisation, neighbour strict locality, bleed)."""
+    from memory import LOCAL_USER
+    from memory.text import gives
+    from trainer.evaluate import agreement, generate
+    from trainer.neighbours import bleed, template_neighbours
+
+    near = [(r, q) for r in batch for q in template_neighbours(r["subject"], k)]
+    questions = [q for _, q in near]
+    adapted = generate(model, tok, questions)
+    with model.disable_adapter():
+        base = generate(model, tok, questions)
+        base_p = generate(model, tok, [r["paraphrase"] for r in batch])
+
+    def nearest(q: str) -> float:
+        hits = memory.search(q, LOCAL_USER, k=1, threshold=0.0)
+        return hits[0].score if hits else 0.0
+
+    score_n, score_p = [nearest(q) for q in questions], [nearest(r["paraphrase"]) for r in batch]
+    out = {
+        "neighbour_strict": sum(a == b for a, b in zip(adapted, base)) / len(near),
+        "neighbour_bleed": sum(bleed(r["answer"], b, a) for (r, _), a, b in zip(near, adapted, base)) / len(near),
+        "neighbour_token": round(agreement(model, tok, questions, base), 4),
+        "served": [],
+    }
+    for t, check in [(t, check) for t in SCOPES for check in (False, True)]:
+        # check (agent.repair.steered): the adapter's answer stands only when it gives the
+        # subject's correction; otherwise the base model's is served
+        served_n = [a if s >= t and (not check or gives(r["answer"], a)) else b
+                    for (r, _), a, b, s in zip(near, adapted, base, score_n)]
+        served_p = [a if s >= t and (not check or gives(r["answer"], a)) else b
+                    for r, a, b, s in zip(batch, answers_p, base_p, score_p)]
+        out["served"].append({
+            "checked": check,
+            "scope": t,
+            "paraphrase": sum(gives(r["answer"], a) for r, a in zip(batch, served_p)) / len(batch),
+            "paraphrase_in_scope": sum(s >= t for s in score_p) / len(batch),
+            "neighbour_strict": sum(a == b for a, b in zip(served_n, base)) / len(near),
+            "neighbour_bleed": sum(bleed(r["answer"], b, a) for (r, _), a, b in zip(near, served_n, base)) / len(near),
+            "neighbour_in_scope": sum(s >= t for s in score_n) / len(near),
+        })
+    out["samples"] = [{"q": q, "base": b, "adapter": a, "score": round(s, 3)}
+                      for (_, q), a, b, s in list(zip(near, adapted, base, score_n))[:12]]
+    return out
+
+
 def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
     import shutil
 
@@ -361,6 +427,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
             "base_memory_use": base_memory_use,
             "gate": gate,
             "default_gate_failures": GateConfig().failures(gate),
+            "neighbours": neighbour_figures(model, tok, memory, batch, answers_p),
         })
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     memory.close()

@@ -276,8 +276,10 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
             seen = list(range(0, chunk[-1] + 1))
             seen_records = [records[i] for i in seen]
             last = chunk[-1] + 1 == len(records)
-            # neighbours are asked of the weights tier after the last cycle only (every cycle: N x more requests)
-            weights = answers(client, seen_records if last else [{**r, "neighbours": []} for r in seen_records],
+            # each cycle asks the neighbours of its new corrections' subjects; the last cycle all of them
+            # (every subject every cycle: N x more requests)
+            weights = answers(client, [r if last or i >= start else {**r, "neighbours": []}
+                                       for i, r in zip(seen, seen_records)],
                               "ratchet", False, progress, f"cycle {c}: weights tier")
             right_now = {i: gives(records[i]["answer"], w["q"]) for i, w in zip(seen, weights)}
             earlier = [i for i in seen if i < start]
@@ -351,6 +353,10 @@ ANCHORS_TEXT = {
 }
 
 
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else v
+
+
 def write_report(results: dict, output: Path) -> None:
     import matplotlib
 
@@ -369,6 +375,9 @@ def write_report(results: dict, output: Path) -> None:
             "weights: locality (token)": [float("nan") if c["weights"]["locality_token"] is None
                                           else c["weights"]["locality_token"] for c in cycles],
             "memory tier at once: reliability": [c["memory_tier_this_cycle"]["reliability"] for c in cycles],
+            "weights: new subjects' neighbours (strict)": [_nan(c["weights_new"].get("neighbour_locality_strict"))
+                                                            for c in cycles],
+            "weights: new subjects' neighbours (bleed)": [_nan(c["weights_new"].get("neighbour_bleed")) for c in cycles],
         }
         for label, ys in series.items():
             ax.plot(xs, ys, marker="o", label=label)
@@ -461,14 +470,17 @@ def write_report(results: dict, output: Path) -> None:
     if cycles:
         lines += ["", "## Per cycle (weights tier: `\"memory\": false`)", "",
                   "| cycle | corrections | status | cycle s | reliability | generalisation | new: reliability | "
-                  "retention | negative flips | locality strict | locality token |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "retention | negative flips | locality strict | locality token | new: neighbours strict | "
+                  "new: bleed | gate: neighbours strict | gate: bleed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in cycles:
-            w = c["weights"]
+            w, new, gate = c["weights"], c["weights_new"], c.get("server_metrics", {})
             lines.append(f"| {c['cycle']} | {c['corrections']} | {c['status']} | {c['cycle_seconds']} | "
                          f"{cell(w['reliability'])} | {cell(w['generalisation'])} | "
-                         f"{cell(c['weights_new']['reliability'])} | {cell(c['retention'])} | "
-                         f"{cell(c['negative_flips'])} | {cell(w['locality_strict'])} | {cell(w['locality_token'])} |")
+                         f"{cell(new['reliability'])} | {cell(c['retention'])} | "
+                         f"{cell(c['negative_flips'])} | {cell(w['locality_strict'])} | {cell(w['locality_token'])} | "
+                         f"{cell(new.get('neighbour_locality_strict'))} | {cell(new.get('neighbour_bleed'))} | "
+                         f"{cell(gate.get('gate_neighbour_locality_strict'))} | {cell(gate.get('gate_neighbour_bleed'))} |")
     lat = results["latency"]
     lines += ["", "## Latency (client side, through the HTTP API)", "",
               f"Chat p50 {lat['chat_p50_ms']} ms, p99 {lat['chat_p99_ms']} ms over {lat['requests']} requests; "
