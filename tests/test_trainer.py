@@ -5,6 +5,7 @@ import pytest
 from memory import Correction
 from memory.db import open_db
 from trainer.cycle import CycleConfig, Cycles
+from trainer.gate import GateConfig
 from trainer.dataset import Example, encode, examples_for, memory_examples
 from trainer.lora import TrainingConfig, train_lora
 from trainer.registry import AdapterRegistry
@@ -477,6 +478,11 @@ def test_the_gate_takes_the_active_versions_answers_from_its_own_gate(tiny_model
     assert report.metrics["reference_retention"] == 1.0 and report.metrics["negative_flips"] == 1.0
     assert set(saved_answers(tmp_path / "candidate", 4)) == {Q, new[0].question}
     assert saved_answers(tmp_path / "candidate", 24) == {}  # answers of another length are not reused
+    # a gate asks a bounded sample of the earlier corrections
+    many = earlier + [Correction(i, f"Where was Person {i} born?", "Oss", None, "") for i in range(3, 9)]
+    sampled = run_gate(tiny_model, tmp_path / "candidate", tmp_path / "active", new, many,
+                       GateConfig(max_new_tokens=4, earlier_probes=3), probes=("Hi",))
+    assert sampled.metrics["n_earlier"] == 3
 
 
 def test_the_gate_judges_memory_following_against_the_base_model_from_enough_probes():
@@ -527,6 +533,7 @@ def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, m
     (lambda: CycleConfig(replay_earlier=-1), "replay_earlier must not be negative"),
     (lambda: CycleConfig(anchor_tokens=0), "anchor_tokens must be at least 1"),
     (lambda: CycleConfig(neighbour_anchors=7), "neighbour_anchors must be between 0 and 6"),
+    (lambda: GateConfig(earlier_probes=-1), "earlier_probes must not be negative"),
 ])
 def test_a_config_that_cannot_work_is_refused_when_made(make, message):
     with pytest.raises(ValueError, match=message):

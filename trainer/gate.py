@@ -7,6 +7,7 @@ still follows a memory put in the prompt as the base model does.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,13 +53,16 @@ class GateConfig:
     min_neighbour_locality: float | None = None  # token-level agreement with the base's neighbour answers
     neighbour_probes: int = 16  # new corrections whose subjects are probed, at most
     neighbour_templates: int = 2  # template questions per subject
+    # Earlier corrections asked for retention and negative flips, at most (a sample, the same for a
+    # given set): bounds a gate's cost as corrections pile up; 0: all of them.
+    earlier_probes: int = 256
 
     def __post_init__(self):
         for name in ("min_efficacy", "min_paraphrase", "min_retention", "min_locality", "max_negative_flips",
                      "max_memory_drop", "max_neighbour_bleed", "min_neighbour_locality"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1] (got {getattr(self, name)}): it is a share of answers")
-        for name in ("memory_probes", "min_memory_probes", "neighbour_probes", "neighbour_templates"):
+        for name in ("memory_probes", "min_memory_probes", "neighbour_probes", "neighbour_templates", "earlier_probes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative (got {getattr(self, name)}): it counts probes")
         if self.max_new_tokens < 1:
@@ -177,6 +181,8 @@ def run_gate(
         model.set_adapter(which)
         return generate(model, tok, questions, n)
 
+    if config.earlier_probes and len(earlier) > config.earlier_probes:
+        earlier = random.Random(len(earlier)).sample(earlier, config.earlier_probes)
     reference = "active" if active is not None else "base"
     # Locality is measured against the base model, so drift cannot pile up cycle after cycle;
     # negative flips against the active version.
