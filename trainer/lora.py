@@ -197,7 +197,7 @@ def answer_loss(logits, batch: list[dict], distill_weight: float):
                                 dtype=torch.bool)
     ce = ~anchor_token
     loss = F.cross_entropy(logits[ce], targets[ce]) if ce.any() else logits.sum() * 0.0
-    if any(distill):
+    if any(distill) and anchor_token.any():  # (an anchor cut off before its first token has none)
         anchors = [x for x, d in zip(batch, distill) if d]
         ref_ids, ref_logp = torch.cat([x["ref_ids"] for x in anchors]), torch.cat([x["ref_logp"] for x in anchors])
         logq = logits[anchor_token].log_softmax(-1).gather(-1, ref_ids)
