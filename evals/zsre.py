@@ -117,11 +117,26 @@ class Client:
         return results
 
 
+def slim(record: dict) -> dict:
+    """A record asked only its question and paraphrase: outside a run's sample (`sample` of run)."""
+    return {**record, "locality_question": None, "neighbours": []}
+
+
+def sample_of(n: int, size: int | None) -> set[int]:
+    """The records a run measures in full (unrelated question, neighbours, every cycle, every
+    tier): all, or `size` of them evenly spaced, so that every cycle's corrections have some."""
+    if size is None or size >= n:
+        return set(range(n))
+    return {round(i * n / size) for i in range(size)}
+
+
 def ask_all(client: Client, r: dict, model: str, memory: bool) -> dict:
     """One configuration's answers to a record's question (q), paraphrase (p), unrelated question
     (l) and neighbour questions (n); with memory, also the memories each answer was shown."""
     got, shown = {}, {}
     for k, f in (("q", "question"), ("p", "paraphrase"), ("l", "locality_question")):
+        if r.get(f) is None:
+            continue  # not asked of this record (a run's sample: slim)
         a = client.ask(r[f], model, memory)
         got[k], shown[k] = a["text"], a["memories"]
     neighbours = [client.ask(q, model, memory) for q in r.get("neighbours", [])]
@@ -144,8 +159,9 @@ def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
     out = {
         "reliability": sum(gives(r["answer"], g["q"]) for r, g in zip(records, got)) / n,
         "generalisation": sum(gives(r["answer"], g["p"]) for r, g in zip(records, got)) / n,
-        "locality_strict": sum(g["l"] == b["l"] for g, b in zip(got, base)) / n,
     }
+    unrelated = [(g["l"], b["l"]) for g, b in zip(got, base) if "l" in g and "l" in b]
+    out["locality_strict"] = sum(a == b for a, b in unrelated) / len(unrelated) if unrelated else None
     corrected, base_n, new_n = [], [], []
     for r, g, b in zip(records, got, base):
         for bn, gn in zip(b.get("n", []), g.get("n", [])):
@@ -169,7 +185,7 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
     if neighbours:
         pairs_in = [(q, a) for r, b in zip(records, base) for q, a in zip(r.get("neighbours", []), b.get("n", []))]
     else:
-        pairs_in = [(r["locality_question"], b["l"]) for r, b in zip(records, base)]
+        pairs_in = [(r["locality_question"], b["l"]) for r, b in zip(records, base) if "l" in b]
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -189,14 +205,16 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
         engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "built-in",
         merged_lane: bool = False, split: str = "report", neighbours: int = 6, corrections: str = "short",
-        tiers: str = "all", base_from: Path | None = None) -> dict:
+        tiers: str = "all", base_from: Path | None = None, sample: int | None = None) -> dict:
     """`anchors` (for the server it starts): "built-in": the replay prompts a server has by default
     (trainer.anchors.BUILT_IN_ANCHORS); "nq" adds to them 150 Natural Questions queries from
     records after the evaluated ones, never one of their locality questions. `split`: SPLITS.
     `neighbours`: neighbour questions per record. `corrections`: CORRECTION_STYLES. `tiers`:
     "all", or "memory" (the memory tier right after each correction only, no consolidation).
     `base_from`: an earlier run's results.json on the same records, whose base-model answers are
-    taken instead of asking again (greedy answers of the same model; a third of a memory-tier run)."""
+    taken instead of asking again (greedy answers of the same model; a third of a memory-tier run).
+    `sample`: records measured in full (sample_of); the others are asked only their question and
+    paraphrase, as corrected and, in later cycles, not again: what a long run (N=1000) can afford."""
     if corrections not in CORRECTION_STYLES:
         raise ValueError(f"corrections must be one of {', '.join(CORRECTION_STYLES)}, not {corrections!r}")
     if tiers not in ("all", "memory"):
@@ -204,7 +222,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
     records = with_neighbours(load_records(n, data, split), all_records(data), neighbours)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all",
+    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all", full=sample_of(n, sample),
                    base=earlier_base(base_from, records) if base_from else None)
     if url is None:
         data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
@@ -222,7 +240,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
         results = _run(Client(url, concurrency), records, **options)
     results.update({"n": n, "cycle_every": cycle_every, "split": split,
                     "first_record": records[0]["id"] if records else None, "neighbours_per_record": neighbours,
-                    "corrections": corrections, "tiers": tiers, "base_from": str(base_from) if base_from else None,
+                    "corrections": corrections, "tiers": tiers, "sample": sample, "base_from": str(base_from) if base_from else None,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
                     "correctness_rule": JUDGE_RULE, "seconds": round(time.monotonic() - started, 1)})
@@ -245,12 +263,14 @@ def earlier_base(path: Path, records: list[dict]) -> list[dict]:
 
 
 def _run(client: Client, records: list[dict], k: int, corrections: str = "short", consolidate: bool = True,
-         lane_wait: float = 0.0, base: list[dict] | None = None) -> dict:
+         lane_wait: float = 0.0, base: list[dict] | None = None, full: set[int] | None = None) -> dict:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
+    full = set(range(len(records))) if full is None else full
+    asked = [r if i in full else slim(r) for i, r in enumerate(records)]  # what is asked of each record
     with progress:
         if base is None:
-            base = answers(client, records, "ratchet-base", False, progress, "base model")
+            base = answers(client, asked, "ratchet-base", False, progress, "base model")
         memory_tier: list[dict] = [None] * len(records)
         cycles = []
         previous_weights: dict[int, bool] = {}
@@ -261,7 +281,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 r = records[i]
                 first = client.ask(r["question"], "ratchet", True)
                 client.correct(first["id"], correction_text(r, corrections))
-                return ask_all(client, r, "ratchet", True)
+                return ask_all(client, asked[i], "ratchet", True)
 
             for i, got in zip(chunk, client.map(teach, chunk, progress, f"cycle {c}: correcting")):
                 memory_tier[i] = got
@@ -273,55 +293,68 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
             progress.remove_task(task)
             cycle_seconds = time.monotonic() - t0
 
-            seen = list(range(0, chunk[-1] + 1))
-            seen_records = [records[i] for i in seen]
             last = chunk[-1] + 1 == len(records)
-            # each cycle asks the neighbours of its new corrections' subjects; the last cycle all of them
-            # (every subject every cycle: N x more requests)
-            weights = answers(client, [r if last or i >= start else {**r, "neighbours": []}
-                                       for i, r in zip(seen, seen_records)],
-                              "ratchet", False, progress, f"cycle {c}: weights tier")
-            right_now = {i: gives(records[i]["answer"], w["q"]) for i, w in zip(seen, weights)}
+            # this cycle's corrections and the sample's earlier ones; each cycle asks the neighbours of
+            # its new corrections' subjects, the last cycle all of them (every subject every cycle: N x
+            # more requests)
+            seen = [i for i in range(0, chunk[-1] + 1) if i >= start or i in full]
+            weights = dict(zip(seen, answers(client, [asked[i] if last or i >= start else
+                                                      {**asked[i], "neighbours": []} for i in seen],
+                                             "ratchet", False, progress, f"cycle {c}: weights tier")))
+            right_now = {i: gives(records[i]["answer"], weights[i]["q"]) for i in seen}
             earlier = [i for i in seen if i < start]
-            first_cycle = list(range(0, min(k, len(records))))
+            first_cycle = [i for i in range(0, min(k, len(records))) if i in weights]
+
+            def figures(indices: list[int], got: dict | list) -> dict:
+                return score([records[i] for i in indices], [got[i] for i in indices], [base[i] for i in indices])
+
             row = {
                 "cycle": c,
-                "corrections": len(seen),
+                "corrections": chunk[-1] + 1,
                 "status": cycle["status"],
                 "adapter": cycle.get("adapter"),
                 "message": cycle.get("message"),
                 "cycle_seconds": round(cycle_seconds, 1),
                 "server_metrics": cycle.get("metrics", {}),
-                "memory_tier_this_cycle": score([records[i] for i in chunk], [memory_tier[i] for i in chunk],
-                                                [base[i] for i in chunk]),
-                "weights": score(seen_records, weights, [base[i] for i in seen]),
-                "weights_new": score([records[i] for i in chunk], [weights[i] for i in chunk],
-                                     [base[i] for i in chunk]),
+                "memory_tier_this_cycle": figures(chunk, memory_tier),
+                "weights": figures(seen, weights),
+                "weights_new": figures(chunk, weights),
                 "retention": (sum(right_now[i] for i in earlier) / len(earlier)) if earlier else None,
                 "negative_flips": (sum(previous_weights[i] and not right_now[i] for i in earlier) / len(earlier))
                 if earlier else None,
-                "first_cycle_weights": score([records[i] for i in first_cycle], [weights[i] for i in first_cycle],
-                                             [base[i] for i in first_cycle]),
+                "first_cycle_weights": figures(first_cycle, weights),
+                "measured": len(seen),
             }
-            row["weights"]["locality_token"] = token_locality(client, seen_records, [base[i] for i in seen], "ratchet",
-                                                              progress, lane_wait)
+            measured = [i for i in seen if i in full]
+            row["weights"]["locality_token"] = token_locality(
+                client, [records[i] for i in measured], [base[i] for i in measured], "ratchet", progress, lane_wait)
             if last:
                 row["weights"]["neighbour_locality_token"] = token_locality(
-                    client, seen_records, [base[i] for i in seen], "ratchet", progress, lane_wait, neighbours=True)
-            previous_weights = right_now
+                    client, [asked[i] for i in measured], [base[i] for i in measured], "ratchet", progress, lane_wait,
+                    neighbours=True)
+            previous_weights, last_weights = right_now, weights
             cycles.append(row)
             console.print(f"cycle {c}: {cycle['status']} in {cycle_seconds:.0f} s; weights reliability "
                           f"{row['weights']['reliability']:.2f}, generalisation {row['weights']['generalisation']:.2f}, "
-                          f"locality {row['weights']['locality_strict']:.2f}/{row['weights']['locality_token']}")
-        summary = {"base": {**score(records, base, base), "locality_token": 1.0, "neighbour_locality_token": 1.0}}
+                          f"locality {row['weights']['locality_strict']}/{row['weights']['locality_token']}")
+        # the tiers side by side on the records measured in full (all, unless a sample)
+        measured = sorted(full)
+        on = [records[i] for i in measured]
+        summary = {"base": {**score(on, [base[i] for i in measured], [base[i] for i in measured]),
+                            "locality_token": 1.0, "neighbour_locality_token": 1.0}}
         if consolidate:
             # memory + weights once, after the last cycle (every cycle would double the run's time)
-            both = answers(client, records, "ratchet", True, progress, "memory + weights")
-            memory_only = answers(client, records, "ratchet-base", True, progress,
-                                  "memory only (ratchet-base + memory)")
-            summary.update({"memory_only": score(records, memory_only, base), "weights_only": cycles[-1]["weights"],
-                            "both": score(records, both, base)})
-    summary["memory_tier_at_once"] = score(records, memory_tier, base)
+            both = answers(client, on, "ratchet", True, progress, "memory + weights")
+            memory_only = answers(client, on, "ratchet-base", True, progress, "memory only (ratchet-base + memory)")
+            last = cycles[-1]
+            weights_only = score(on, [last_weights[i] for i in measured], [base[i] for i in measured])
+            weights_only.update({k: last["weights"].get(k) for k in ("locality_token", "neighbour_locality_token")})
+            summary.update({"memory_only": score(on, memory_only, [base[i] for i in measured]),
+                            "weights_only": weights_only, "both": score(on, both, [base[i] for i in measured])})
+    summary["memory_tier_at_once"] = score(on, [memory_tier[i] for i in measured], [base[i] for i in measured])
+    if len(measured) < len(records):  # the question and paraphrase were asked of every record
+        summary["memory_tier_at_once_all"] = score(records, memory_tier, base)
+        summary["base_all"] = score(records, base, base)
     return {
         "summary": summary,
         "cycles": cycles,
@@ -342,7 +375,9 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
 
 # The configurations a report lists, by their key in results["summary"].
 TIERS = (("base model alone", "base"), ("memory only", "memory_only"), ("weights only", "weights_only"),
-         ("memory + weights", "both"), ("memory tier, right after each correction", "memory_tier_at_once"))
+         ("memory + weights", "both"), ("memory tier, right after each correction", "memory_tier_at_once"),
+         ("base model alone, all N (question and paraphrase)", "base_all"),
+         ("memory tier at once, all N (question and paraphrase)", "memory_tier_at_once_all"))
 
 ANCHORS_TEXT = {
     "built-in": "the server's built-in prompts: 48 general prompts and 150 everyday questions",
@@ -450,7 +485,9 @@ def write_report(results: dict, output: Path) -> None:
         "model's answers the reference. Bleed: the share of neighbour answers that give the corrected answer "
         "where the base's did not.",
         "",
-        "## After the last cycle, on all N records" if cycles else "## On all N records",
+        ("## After the last cycle" if cycles else "## Per tier") + (
+            f", on the {results['sample']} records measured in full (every {results['n'] / results['sample']:.0f}th)"
+            if results.get("sample") and results["sample"] < results["n"] else ", on all N records"),
         "",
         "| configuration | reliability | generalisation | locality strict | locality token | neighbours strict | "
         "neighbours token | bleed |",

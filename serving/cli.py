@@ -275,6 +275,9 @@ def eval_zsre(
     tiers: str = typer.Option("all", help="all, or memory: the memory tier right after each correction only"),
     base_from: Optional[Path] = typer.Option(None, help="An earlier run's results.json on the same records: its "
                                                         "base-model answers, not asked again"),
+    sample: Optional[int] = typer.Option(None, min=1, help="Records measured in full (unrelated question, "
+                                                           "neighbours, every cycle, every tier), evenly spaced; the "
+                                                           "others only as corrected (default: all)"),
 ):
     """The learning benchmark: reliability, generalisation, locality and bleed per tier and per cycle."""
     from evals import zsre
@@ -284,7 +287,7 @@ def eval_zsre(
         results = zsre.run(n, cycle_every, output, url=url, data=data or zsre.ZSRE, engine=engine,
                            models_dir=os.environ.get("RATCHET_MODELS_DIR"), concurrency=concurrency, anchors=anchors,
                            merged_lane=merged_lane, split=split, neighbours=neighbours, corrections=corrections,
-                           tiers=tiers, base_from=base_from)
+                           tiers=tiers, base_from=base_from, sample=sample)
     except (ValueError, KeyError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)

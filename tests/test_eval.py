@@ -60,13 +60,17 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     out = tmp_path / "report"
     r = CliRunner().invoke(app, ["eval", "zsre", "--n", "4", "--cycle-every", "2", "--output", str(out),
                                  "--engine", "transformers", "--data", str(ZSRE), "--concurrency", "2",
-                                 "--anchors", "built-in", "--corrections", "no-its", "--neighbours", "2"])
+                                 "--anchors", "built-in", "--corrections", "no-its", "--neighbours", "2",
+                                 "--sample", "2"])
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     assert results["split"] == "report" and results["corrections"] == "no-its"
     assert results["first_record"] == "zsre-dev-02001" and results["neighbours_per_record"] == 2
     assert 0.0 <= results["summary"]["memory_tier_at_once"]["neighbour_bleed"] <= 1.0
     assert [c["cycle"] for c in results["cycles"]] == [1, 2]
+    # records 1 and 3 are measured in full; cycle 2 asks its own two and, of the earlier, record 1
+    assert results["sample"] == 2 and [c["measured"] for c in results["cycles"]] == [2, 3]
+    assert "memory_tier_at_once_all" in results["summary"] and "all N" in (out / "report.md").read_text()
     assert results["cycles"][1]["retention"] is not None
     s = results["summary"]
     assert s["base"]["locality_strict"] == 1.0
@@ -124,6 +128,13 @@ def test_corrections_are_written_as_users_write_them_and_judged_by_content():
     sentence = correction_text(r, "sentence")
     assert sentence.startswith("The answer to") and gives(sentence, "He was born in Tours.", r["question"])
     assert answer_of(correction_text(r, "no-its")) == "Tours"
+
+
+def test_a_long_runs_sample_is_evenly_spaced_and_every_record_without_one():
+    from evals.zsre import sample_of
+
+    assert sample_of(1000, 100) == set(range(0, 1000, 10))
+    assert sample_of(4, None) == sample_of(4, 10) == {0, 1, 2, 3}
 
 
 def test_the_bench_counts_neighbours_a_fake_adapter_changed_and_answers_that_leaked():
