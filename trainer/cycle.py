@@ -59,8 +59,9 @@ class CycleConfig:
     anchor_tokens: int = 16  # length of those replayed answers (shorter: cheaper steps)
     # Neighbour anchors: per subject of a new correction, this many other questions about it
     # (trainer.neighbours.ANCHOR_TEMPLATES) trained towards the base model's answers, so that the
-    # adapter changes the corrected answer and not everything it says about the subject; 0: none.
-    neighbour_anchors: int = 0
+    # adapter changes the corrected answer and not everything it says about the subject; 0: none
+    # (2 leaks a quarter as often as none: reports/consolidation/neighbours.md).
+    neighbour_anchors: int = 2
     continue_from_active: bool = True  # start from the active adapter (else retrain from the base)
     # Earlier corrections replayed per new one, when continuing, so that they are not forgotten
     # (see reports/consolidation/report.md).
@@ -214,7 +215,7 @@ class Cycles:
         if cfg.anchors:
             examples += base_answers(self.base_model, self.work_dir / "anchors.json", cfg.anchor_prompts,
                                      max_new_tokens=cfg.anchor_tokens)
-        if cfg.neighbour_anchors:  # the new corrections' subjects: earlier ones were anchored in their cycles
+        if cfg.neighbour_anchors:  # the trained corrections' subjects: earlier ones were anchored in their cycles
             questions = anchor_questions([c.question for c in (corrections if init is None else new)],
                                          cfg.neighbour_anchors,
                                          exclude=[c.question for c in corrections])
