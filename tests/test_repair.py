@@ -75,3 +75,20 @@ def test_the_repair_replayed_on_a_recorded_run_fixes_ignored_memories_only():
     assert scores["before"]["reliability"] == 0.0 and scores["after"]["reliability"] == 1.0
     assert counts == {"q": 1, "p": 0, "n": 0}  # the paraphrase gave it already; the neighbour saw no memory
     assert scores["after"]["neighbour_locality_strict"] == 1.0
+
+
+def test_the_replay_serves_the_answer_shown_no_memory_where_a_memory_changed_it_without_being_given():
+    from evals.repair_replay import replay
+
+    near = [{"score": 0.9, "answer": "Tours"}]
+    row = {"answer": "Tours", "question": "Where was Narcy born?", "paraphrase": "Narcy's birthplace?",
+           "neighbours": ["Who is Narcy?", "Where is Narcy from?"],
+           "base": {"q": "Tours", "p": "Paris", "l": "x", "n": ["An actor.", "France."]},
+           "got": {"q": "Tours", "p": "Lyon", "l": "x", "n": ["A French actor.", "From Tours."],
+                   "shown": {"q": [], "p": near, "l": [], "n": [near, near]}}}
+    scores, counts = replay({"memory_tier_answers": [row]})
+    assert counts == {"q": 0, "p": 1, "n": 1}  # the paraphrase and the first neighbour: back to the base's
+    assert scores["before"]["neighbour_locality_strict"] == 0.0
+    assert scores["after"]["neighbour_locality_strict"] == 0.5 and scores["after"]["neighbour_bleed"] == 0.5
+    _, unchecked = replay({"memory_tier_answers": [row]}, check=False)
+    assert unchecked == {"q": 0, "p": 0, "n": 0}
