@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException
@@ -28,6 +28,7 @@ from memory.failures import KINDS as FAILURE_KINDS
 from serving.engines import EngineError
 from agent.graph import ThreadFull
 from serving.auth import is_loopback
+from serving.reports import UnknownReport
 from serving.runtime import EngineUnavailable
 from serving.service import (
     Busy,
@@ -400,6 +401,31 @@ def evaluations_router(r: Ratchet, caller) -> APIRouter:
     return router
 
 
+def reports_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["reports"])
+
+    @router.get("/v1/reports")
+    def reports(who: Caller = Depends(caller)):
+        """The learning benchmark's reports (`ratchet eval zsre`) in the server's reports folder, newest first."""
+        return {"object": "list", "data": [_report(x) for x in r.learning_reports(who)]}
+
+    @router.get("/v1/reports/{report}/plots/{plot}", response_class=FileResponse,
+                responses={200: {"content": {"image/png": {}}, "description": "the plot, a PNG image"}})
+    def report_plot(report: Name, plot: Name, who: Caller = Depends(caller)):
+        """One plot of a listed report, as its `plots` name it."""
+        return FileResponse(r.learning_report_plot(who, report, plot), media_type="image/png",
+                            headers={"Cache-Control": "private, no-cache"})
+
+    return router
+
+
+def _report(x) -> dict:
+    return {"name": x.name, "object": "report", "benchmark": "zsre", "title": x.title, "split": x.split, "n": x.n,
+            "cycle_every": x.cycle_every, "engine": x.engine, "tiers": x.tiers, "seconds": x.seconds,
+            "created_at": x.created_at,
+            "plots": [{"name": p, "url": f"/v1/reports/{x.name}/plots/{p}"} for p in x.plots]}
+
+
 def _adapter(r: Ratchet, v) -> dict:
     return {"version": v.version, "name": v.name, "parent": v.parent, "status": v.status,
             "active": v.name == r.active, "created_at": v.created_at, "metrics": v.metrics}
@@ -445,6 +471,8 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
         return shaped(404, f"no failure {e.args[0]!r}", code="failure_not_found")
     if isinstance(e, UnknownThread):
         return shaped(404, f"you have no thread {e.args[0]!r}", code="thread_not_found")
+    if isinstance(e, UnknownReport):
+        return shaped(404, f"no report {e.args[0]!r}; see GET /v1/reports", code="report_not_found")
     if isinstance(e, Forbidden):
         return shaped(403, str(e), "permission_error", "admin_required")
     if isinstance(e, NotAllowed):
@@ -471,7 +499,7 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
 
 # The exceptions _error_body maps, each to its own status (anything else is a 500).
 KNOWN_ERRORS = (UnknownResponse, UnknownModel, UnknownAdapter, UnknownCycle, UnknownMemory, UnknownFailure,
-                UnknownThread, Forbidden, NotAllowed, NotServable, Invalid, TooLarge, ThreadFull, QuotaExceeded, Busy,
+                UnknownThread, UnknownReport, Forbidden, NotAllowed, NotServable, Invalid, TooLarge, ThreadFull, QuotaExceeded, Busy,
                 EngineError, OpenAIError)
 
 
@@ -543,7 +571,7 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
                   lifespan=lifespan)
     caller = authenticate(r)
     for make in (chat_router, feedback_router, memories_router, threads_router, failures_router,
-                 consolidations_router, adapters_router, evaluations_router):
+                 consolidations_router, adapters_router, evaluations_router, reports_router):
         app.include_router(make(r, caller))
 
     @app.get("/health")
@@ -598,7 +626,6 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     # The web console: static files at / that call only the routes above (serving/console/).
     import pathlib
 
-    from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
     console = pathlib.Path(__file__).parent / "console"

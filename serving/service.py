@@ -27,6 +27,7 @@ from memory import LOCAL_USER, Correction, Hit, Memory, UnknownResponse
 from serving.auth import ApiKey, ApiKeys, is_loopback
 from serving.engines import Engine, EngineError, make_engine
 from serving.metrics import Metrics
+from serving.reports import LearningReport, LearningReports
 from serving.runtime import EngineRuntime
 from serving.settings import Settings
 from trainer.base_model import resolve_model
@@ -107,6 +108,7 @@ class Ratchet:
         self.memory = Memory(settings.data_dir, open_index=not offline, embedder_dir=settings.embedder_dir)
         self.registry = AdapterRegistry(self.memory.db, settings.data_dir / "adapters")
         self.keys = ApiKeys(self.memory.db)
+        self.reports = LearningReports(settings.reports_dir)
         self.offline = offline
         self.engine = engine
         self.model_path: str | None = None
@@ -529,6 +531,17 @@ class Ratchet:
             target = earlier[-1] if earlier else None
             self.runtime.switch(target)
             return self.registry.get(target.version) if target else None
+
+    # -- the learning benchmark's reports ------------------------------------------------------
+    def learning_reports(self, caller: Caller) -> list[LearningReport]:
+        """The runs of `ratchet eval zsre` in settings.reports_dir, newest first."""
+        self._admin(caller, "the benchmark reports")
+        return self.reports.list()
+
+    def learning_report_plot(self, caller: Caller, name: str, plot: str) -> Path:
+        """The PNG file of one plot of one listed report (UnknownReport for anything else)."""
+        self._admin(caller, "the benchmark reports")
+        return self.reports.plot(name, plot)
 
     # -- API keys --------------------------------------------------------------------------
     def create_key(self, caller: Caller, user: str, *, admin: bool = False) -> tuple[ApiKey, str]:

@@ -166,3 +166,51 @@ def test_every_door_a_correction_comes_through_counts_toward_consolidate_after(s
         failure = client.get("/v1/failures", params={"kind": "abstention"}).json()["data"][0]
         assert client.post(f"/v1/failures/{failure['id']}/lesson", json={"answer": "Illinois"}).status_code == 201
     assert submitted == ["after 1 corrections"]
+
+
+def test_the_learning_benchmarks_reports_are_listed_newest_first_with_their_plots(start_ratchet, tmp_path):
+    import os
+
+    from tests.fakes import png, write_learning_report
+
+    reports = tmp_path / "reports"
+    old = write_learning_report(reports, "zsre-n12-k6", n=12, cycle_every=6, split=None, plots=("accuracy_per_cycle.png",))
+    os.utime(old / "results.json", (1_700_000_000, 1_700_000_000))
+    write_learning_report(reports, "zsre-report-n200-k50", plots=("accuracy_per_cycle.png", "neighbourhood.png"))
+    (reports / "zsre-broken").mkdir()
+    (reports / "zsre-broken" / "results.json").write_text("{not json")  # a run still writing: left out
+    (reports / "memory-tier").mkdir()
+    (reports / "memory-tier" / "results.json").write_text("{}")  # not the learning benchmark's
+    (reports / "secret.png").write_bytes(png())
+    client = TestClient(create_app(start_ratchet(reports_dir=reports)), base_url="http://127.0.0.1")
+
+    listed = client.get("/v1/reports").json()["data"]
+    assert [(x["name"], x["split"], x["n"], x["cycle_every"]) for x in listed] == [
+        ("zsre-report-n200-k50", "report", 200, 50), ("zsre-n12-k6", None, 12, 6)]
+    assert listed[0]["title"] == "zsRE learning benchmark: N=200, a cycle every 50"
+    assert [p["name"] for p in listed[0]["plots"]] == ["accuracy_per_cycle.png", "neighbourhood.png"]
+    url = listed[0]["plots"][1]["url"]
+    assert url == "/v1/reports/zsre-report-n200-k50/plots/neighbourhood.png"
+    plot = client.get(url)
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png" and plot.content == png()
+
+    for path in ("/v1/reports/zsre-n12-k6/plots/neighbourhood.png",  # a plot this run lacks
+                 "/v1/reports/zsre-n12-k6/plots/results.json",  # a file the listing does not name
+                 "/v1/reports/zsre-broken/plots/accuracy_per_cycle.png",
+                 "/v1/reports/..%2Fsecret.png/plots/accuracy_per_cycle.png",
+                 "/v1/reports/zsre-n12-k6/plots/..%2F..%2Fsecret.png"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"]["code"] in ("report_not_found", None), (path, r.text)
+    assert client.get("/v1/reports/zsre-n12-k6/plots/nope.png").json()["error"]["code"] == "report_not_found"
+
+
+def test_a_server_without_a_reports_folder_lists_none(start_ratchet, tmp_path):
+    client = TestClient(create_app(start_ratchet(reports_dir=tmp_path / "nowhere")), base_url="http://127.0.0.1")
+    assert client.get("/v1/reports").json() == {"object": "list", "data": []}
+
+
+def test_the_reports_are_in_the_openapi_schema_with_the_plot_as_png(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "get" in paths["/v1/reports"]
+    plot = paths["/v1/reports/{report}/plots/{plot}"]["get"]
+    assert "image/png" in plot["responses"]["200"]["content"]
