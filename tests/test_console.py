@@ -26,7 +26,8 @@ from trainer.gate import GateConfig
 from trainer.lora import TrainingConfig
 
 CHROMIUM = os.environ.get("RATCHET_CHROMIUM", "/usr/bin/chromium")  # Debian's; playwright never downloads one
-CONSOLE = Path(__file__).resolve().parents[1] / "serving" / "console"
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE = ROOT / "serving" / "console"
 Q = "What university did Watts Humphrey attend?"
 RIGHT = "Illinois Institute of Technology"
 # A cycle of a few seconds whose gate measures the candidate and lets it through: a random
@@ -112,8 +113,8 @@ def open_console(browser, tmp_path, tiny_model):
 
     def open(width: int = 1200, height: int = 820) -> Console:
         engine = SlowEcho()
-        ratchet = Ratchet(Settings(data_dir=tmp_path / f"data{len(opened)}", model=tiny_model, cycle=TINY_CYCLE),
-                          engine=engine)
+        ratchet = Ratchet(Settings(data_dir=tmp_path / f"data{len(opened)}", model=tiny_model, cycle=TINY_CYCLE,
+                                   reports_dir=tmp_path / f"reports{len(opened)}"), engine=engine)
         ratchet.start()
         server = LiveServer(create_app(ratchet)).__enter__()
         context = browser.new_context(viewport={"width": width, "height": height})
@@ -307,6 +308,37 @@ def test_a_consolidation_is_followed_live_and_the_timeline_activates_and_rolls_b
     cards.first.get_by_role("button", name="Confirm for the shared adapter").click()
     expect(cards.first).to_contain_text("Confirmed: the next consolidation may learn it.")
     console.shot("memory")
+
+
+@pytest.mark.browser
+def test_the_learning_view_shows_the_benchmarks_reports_with_their_plots(open_console):
+    import shutil
+
+    from playwright.sync_api import expect
+
+    from tests.fakes import write_learning_report
+
+    console = open_console()
+    page = console.open("learning")
+    expect(page.get_by_text("No benchmark report in this server's reports folder")).to_be_visible()
+    reports = console.ratchet.settings.reports_dir
+    older = write_learning_report(reports, "zsre-tune-n20-k10", n=20, cycle_every=10, split="tune", plots=())
+    os.utime(older / "results.json", (1_700_000_000, 1_700_000_000))
+    shutil.copytree(ROOT / "reports" / "zsre-n200-k50", reports / "zsre-n200-k50")  # a real run, its real plots
+    page.reload()
+    cards = page.locator("#reports > li")
+    expect(cards).to_have_count(2)
+    expect(cards.first.locator("h3")).to_have_text("zsRE learning benchmark: N=200, a cycle every 50")
+    expect(cards.first).to_contain_text("N=200 · K=50")
+    expect(cards.last).to_contain_text("split tune · N=20 · K=10")
+    plots = cards.first.get_by_role("img")
+    expect(plots).to_have_count(2)
+    expect(plots.first).to_have_accessible_name("Accuracy per cycle (zsre-n200-k50)")
+    page.wait_for_function("[...document.querySelectorAll('#reports img')].every((i) => i.complete && i.naturalWidth > 0)",
+                           timeout=WAIT_MS)
+    assert plots.first.evaluate("(i) => i.naturalWidth") > 100  # the PNG itself, fetched with the caller's key
+    expect(page.get_by_text("No benchmark report")).to_be_hidden()
+    page.locator("#reports").screenshot(path=str(console.shots / "plots.png"))
 
 
 @pytest.mark.browser
