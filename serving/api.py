@@ -146,10 +146,11 @@ def authenticate(r: Ratchet):
     return caller
 
 
-def _memory(c: Correction, score: float | None = None) -> dict:
+def _memory(r: Ratchet, c: Correction, score: float | None = None) -> dict:
     out = {"id": c.id, "object": "memory", "question": c.question, "answer": c.answer, "user": c.user,
            "shared": c.shared, "created_at": c.created_at, "retracted_at": c.retracted_at,
-           "consolidated_in": c.consolidated_in, "merged": c.merged, "source": c.source}
+           "consolidated_in": c.consolidated_in, "merged": c.merged, "source": c.source,
+           "confirmed_at": c.confirmed_at, "trusted": r.trusted(c), **r.memory_state(c)}
     if score is not None:
         out["score"] = round(score, 4)
     return out
@@ -274,17 +275,23 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
     @router.get("/v1/memories")
     def memories(who: Caller = Depends(caller), query: Text | None = None,
                  limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=2**31),
-                 threshold: float | None = Query(None, ge=-1.0, le=1.0)):
+                 threshold: float | None = Query(None, ge=-1.0, le=1.0),
+                 state: Literal["live", "retracted", "all"] = "live", user: Name | None = None):
         """With `query`: the caller's visible memories nearest to it (newest-wins applied); without:
-        the caller's visible memories, newest first."""
+        the caller's visible memories, newest first, live ones (`state`: or retracted ones, or both).
+        An admin key sees them as `user` does."""
+        if query and state != "live":
+            raise OpenAIError(400, "a search finds live memories only; list retracted ones without `query`",
+                              code="invalid_request", param="state")
         if query:
-            hits = r.search_memories(who, query, limit=limit, threshold=threshold)
-            return {"object": "list", "data": [_memory(h.correction, h.score) for h in hits]}
-        return {"object": "list", "data": [_memory(c) for c in r.list_memories(who, limit=limit, offset=offset)]}
+            hits = r.search_memories(who, query, limit=limit, threshold=threshold, user=user)
+            return {"object": "list", "data": [_memory(r, h.correction, h.score) for h in hits]}
+        listed = r.list_memories(who, limit=limit, offset=offset, state=state, user=user)
+        return {"object": "list", "data": [_memory(r, c) for c in listed]}
 
     @router.post("/v1/memories", status_code=201)
     def add_memory(body: MemoryRequest, who: Caller = Depends(caller)):
-        return _memory(r.add_correction(who, body.question, body.answer, shared=body.shared))
+        return _memory(r, r.add_correction(who, body.question, body.answer, shared=body.shared))
 
     @router.post("/v1/memories/rebuild-index")
     def rebuild_index(who: Caller = Depends(caller)):
@@ -292,18 +299,17 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
 
     @router.get("/v1/memories/{memory_id}")
     def memory(memory_id: Id, who: Caller = Depends(caller)):
-        return _memory(r.memory_of(who, memory_id))
+        return _memory(r, r.memory_of(who, memory_id))
 
     @router.post("/v1/memories/{memory_id}/confirm")
     def confirm(memory_id: Id, who: Caller = Depends(caller)):
         """An admin vouches for a correction: it may now enter the shared adapter."""
-        c = r.confirm(who, memory_id)
-        return {**_memory(c), "confirmed_at": c.confirmed_at, "trusted": r.trusted(c)}
+        return _memory(r, r.confirm(who, memory_id))
 
     @router.delete("/v1/memories/{memory_id}")
     def retract(memory_id: Id, who: Caller = Depends(caller)):
         """Retract: by the user who gave it, or by an admin (the only way for a shared memory)."""
-        return {**_memory(r.retract(who, memory_id)), "deleted": True}
+        return {**_memory(r, r.retract(who, memory_id)), "deleted": True}
 
     return router
 
@@ -338,7 +344,7 @@ def failures_router(r: Ratchet, caller) -> APIRouter:
     def lesson(failure_id: Id, body: LessonRequest, who: Caller = Depends(caller)):
         """Turn the failure into a correction of its question with `answer`."""
         failure, memory = r.lesson(who, failure_id, body.answer, shared=body.shared)
-        return {"object": "lesson", "failure": _failure(failure), "memory": _memory(memory)}
+        return {"object": "lesson", "failure": _failure(failure), "memory": _memory(r, memory)}
 
     return router
 

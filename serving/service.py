@@ -425,15 +425,37 @@ class Ratchet:
         """One memory the caller may see: theirs or a shared one."""
         return self.memory.corrections.get(memory_id, caller.user)
 
-    def search_memories(self, caller: Caller, query: str, *, limit: int = 20,
-                        threshold: float | None = None) -> list[Hit]:
-        """The memories the caller may see nearest to `query`, the newest correction of a question winning."""
-        return self.memory.search(query, caller.user, k=limit, max_chars=None,
+    def search_memories(self, caller: Caller, query: str, *, limit: int = 20, threshold: float | None = None,
+                        user: str | None = None) -> list[Hit]:
+        """The memories the caller may see nearest to `query`, the newest correction of a question
+        winning; an admin may search as `user` sees them."""
+        return self.memory.search(query, self._seen_by(caller, user), k=limit, max_chars=None,
                                   threshold=self.settings.memory_threshold if threshold is None else threshold)
 
-    def list_memories(self, caller: Caller, *, limit: int = 20, offset: int = 0) -> list[Correction]:
-        """The caller's visible memories, newest first."""
-        return self.memory.corrections.visible(caller.user, limit=limit, offset=offset)
+    def list_memories(self, caller: Caller, *, limit: int = 20, offset: int = 0, state: str = "live",
+                      user: str | None = None) -> list[Correction]:
+        """The caller's visible memories (an admin's: `user`'s), newest first: live ones, retracted
+        ones, or all (`state`)."""
+        return self.memory.corrections.visible(self._seen_by(caller, user), limit=limit, offset=offset, state=state)
+
+    @staticmethod
+    def _seen_by(caller: Caller, user: str | None) -> str:
+        """Whose view of the memories: `user`'s for an admin who names one, else the caller's own
+        (a user key's user overrides any other name, as in every request it sends)."""
+        return user if user and caller.admin else caller.user
+
+    def memory_state(self, c: Correction) -> dict:
+        """What became of a memory: `state` memory (retrieved only), weights (consolidated) or
+        retracted, and `adapter`, the version whose cycle consolidated it."""
+        adapter = None
+        if c.consolidated_in is not None and self.cycles is not None:
+            try:
+                version = self.cycles.get(c.consolidated_in).get("adapter_version")
+            except KeyError:  # a cycle record that is gone: the memory still says which cycle it was
+                version = None
+            adapter = f"ratchet-v{version}" if version else None
+        state = "retracted" if c.retracted_at else "weights" if c.consolidated_in is not None else "memory"
+        return {"state": state, "adapter": adapter}
 
     def retract(self, caller: Caller, memory_id: int) -> Correction:
         """Out of retrieval at once, out of the weights at the next cycle: by the user who gave it,

@@ -133,12 +133,20 @@ def test_untrusted_corrections_wait_for_an_admin_before_entering_the_shared_adap
     assert ask(eve, Q)["choices"][0]["message"]["content"] == "Harvard"  # her own memory: at once
     first = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
     assert first["status"] == "succeeded" and first["message"] == "no new corrections"  # not trusted: not trained
-    memory_id = eve.get("/v1/memories").json()["data"][0]["id"]
+    memory = eve.get("/v1/memories").json()["data"][0]
+    assert (memory["trusted"], memory["confirmed_at"], memory["state"], memory["adapter"]) == (False, None, "memory", None)
+    ops_own = admin.post("/v1/memories", json={"question": "What is the capital of Peru?", "answer": "Lima"}).json()
+    assert ops_own["trusted"] is True and ops_own["confirmed_at"] is None  # an admin-key user's: trusted as given
+    memory_id = memory["id"]
     assert eve.post(f"/v1/memories/{memory_id}/confirm").status_code == 403
     r = admin.post(f"/v1/memories/{memory_id}/confirm")
-    assert r.status_code == 200 and r.json()["trusted"] is True
+    assert r.status_code == 200 and r.json()["trusted"] is True and r.json()["confirmed_at"]
     second = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
-    assert second["status"] == "succeeded" and second["adapter_version"] == 1 and second["n_corrections"] == 1
+    assert second["status"] == "succeeded" and second["adapter_version"] == 1 and second["n_corrections"] == 2
+    learnt = eve.get(f"/v1/memories/{memory_id}").json()  # a user key sees which version learnt it
+    assert (learnt["state"], learnt["consolidated_in"], learnt["adapter"]) == ("weights", second["id"], "ratchet-v1")
+    retracted = eve.delete(f"/v1/memories/{memory_id}").json()
+    assert (retracted["state"], retracted["adapter"]) == ("retracted", "ratchet-v1")
 
 
 def test_vllm_refuses_token_agreement_with_an_adapter_rather_than_crash():
