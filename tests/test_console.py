@@ -228,6 +228,15 @@ def test_memory_lists_searches_and_retracts_with_a_confirmation(open_console):
     dialog.get_by_role("button", name="Retract").click()
     expect(page.get_by_text("No memories yet.")).to_be_visible()
     console.shot("memory-empty")
+    page.get_by_label("Show").select_option("retracted")  # what was retracted, still listed as such
+    expect(cards).to_have_count(2)
+    expect(cards.first).to_contain_text("retracted")
+    expect(cards.first).not_to_contain_text("in memory only")
+    expect(cards.first.get_by_role("button", name="Retract")).to_be_hidden()
+    page.get_by_label("Show").select_option("all")
+    expect(cards).to_have_count(2)
+    page.get_by_label("Show").select_option("live")
+    expect(page.get_by_text("No memories yet.")).to_be_visible()
     page.goto(f"{console.url}/#chat")
     expect(ask(page, Q).locator(".text")).to_have_text("I do not know")  # retracted: no longer used
 
@@ -297,17 +306,30 @@ def test_a_consolidation_is_followed_live_and_the_timeline_activates_and_rolls_b
     expect(page.locator("#serving")).to_have_text("ratchet-v1")
     assert console.ratchet.active == "ratchet-v1"
 
-    # Each memory's state: in the weights (with the cycle and its version), or in memory only.
+    # Each memory's state: in the weights (with its version), or in memory only; the operator's
+    # own corrections are trusted, so there is nothing to confirm.
     console.api("POST", "/v1/memories", json={"question": "What is the capital of Australia?", "answer": "Canberra"})
     page.goto(f"{console.url}/#memory")
     cards = page.locator("#memory-list > li")
     expect(cards).to_have_count(2)
     expect(cards.first).to_contain_text("in memory only")
-    expect(cards.last).to_contain_text("consolidated in cycle 1 → ratchet-v1")
-    expect(cards.last.get_by_role("button", name="Confirm for the shared adapter")).to_be_hidden()
+    expect(cards.last).to_contain_text("consolidated into ratchet-v1")
+    expect(page.get_by_role("button", name="Confirm for the shared adapter")).to_have_count(0)
+    console.shot("memory")
+
+    # An untrusted user's correction, seen as that user: it waits for an admin, who confirms it.
+    console.api("POST", "/v1/memories", json={"question": "What is the capital of Peru?", "answer": "Lima",
+                                              "user": "ann"})
+    page.get_by_label("As user").fill("ann")
+    page.get_by_label("As user").press("Enter")
+    expect(cards).to_have_count(1)
+    expect(cards.first).to_contain_text("Lima")
+    expect(cards.first).to_contain_text("awaiting an admin's confirmation")
+    console.shot("memory-confirm")
     cards.first.get_by_role("button", name="Confirm for the shared adapter").click()
     expect(cards.first).to_contain_text("Confirmed: the next consolidation may learn it.")
-    console.shot("memory")
+    expect(cards.first).not_to_contain_text("awaiting")
+    assert console.api("GET", "/v1/memories", params={"user": "ann"})["data"][0]["trusted"] is True
 
 
 @pytest.mark.browser
