@@ -314,6 +314,17 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
     return router
 
 
+def caller_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["caller"])
+
+    @router.get("/v1/caller")
+    def who(who: Caller = Depends(caller)):
+        """Who this request's key (or keyless loopback) makes you: `user`, `admin`, and `keyed`."""
+        return {"object": "caller", **r.whoami(who)}
+
+    return router
+
+
 def threads_router(r: Ratchet, caller) -> APIRouter:
     router = APIRouter(tags=["threads"])
 
@@ -576,7 +587,7 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
                   lifespan=lifespan)
     caller = authenticate(r)
-    for make in (chat_router, feedback_router, memories_router, threads_router, failures_router,
+    for make in (chat_router, caller_router, feedback_router, memories_router, threads_router, failures_router,
                  consolidations_router, adapters_router, evaluations_router, reports_router):
         app.include_router(make(r, caller))
 

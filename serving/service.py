@@ -211,6 +211,10 @@ class Ratchet:
                 "restarts": self.restarts, "auth": self.keys.any_live(), **self.engine.status()}
 
     # -- who may ---------------------------------------------------------------------------
+    def whoami(self, caller: Caller) -> dict:
+        """Who the server takes the caller for: their user, whether an admin, and by a key or keyless."""
+        return {"user": caller.user, "admin": caller.admin, "keyed": caller.key_id is not None}
+
     @staticmethod
     def _admin(caller: Caller, what: str) -> None:
         if not caller.admin:

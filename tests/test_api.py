@@ -222,3 +222,15 @@ def test_the_reports_are_in_the_openapi_schema_with_the_plot_as_png(client):
     assert "get" in paths["/v1/reports"]
     plot = paths["/v1/reports/{report}/plots/{plot}"]["get"]
     assert "image/png" in plot["responses"]["200"]["content"]
+
+
+def test_the_caller_route_says_who_a_key_makes_you(ratchet, client):
+    assert client.get("/v1/caller").json() == {"object": "caller", "user": "local", "admin": True, "keyed": False}
+    assert client.get("/v1/caller", params={"user": "ann"}).json()["user"] == "ann"  # keyless: as named
+    _, ann = ratchet.keys.create("ann")
+    _, ops = ratchet.keys.create("ops", "admin")
+    as_ann = client.get("/v1/caller", params={"user": "bob"}, headers={"Authorization": f"Bearer {ann}"})
+    assert as_ann.json() == {"object": "caller", "user": "ann", "admin": False, "keyed": True}
+    as_ops = client.get("/v1/caller", headers={"Authorization": f"Bearer {ops}"})
+    assert as_ops.json() == {"object": "caller", "user": "ops", "admin": True, "keyed": True}
+    assert client.get("/v1/caller").status_code == 401  # keys exist: nobody is anonymous

@@ -370,7 +370,10 @@ def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(ope
     console = open_console()
     _, user_token = console.ratchet.create_key(LOCAL_ADMIN, "ann")
     _, admin_token = console.ratchet.create_key(LOCAL_ADMIN, "ops", admin=True)
-    page = console.open()
+    refused = []  # the console asks who it is (GET /v1/caller) rather than probing admin routes
+    page = console.page
+    page.on("response", lambda r: refused.append(r.url) if r.status == 403 else None)
+    console.open()
     expect(page.get_by_role("heading", name="API key")).to_be_visible()
     console.shot("key")
     page.get_by_role("textbox", name="API key").fill("rk-wrong")
@@ -383,6 +386,7 @@ def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(ope
     assert page.evaluate("sessionStorage.getItem('ratchet.key')") == user_token
     nav = page.get_by_role("navigation", name="Views")
     expect(nav.get_by_role("link")).to_have_text(["Chat", "Memory"])
+    expect(page.locator("#who")).to_have_text("ann")
     expect(ask(page, Q).locator(".text")).to_have_text("I do not know")
     page.reload()  # the key is kept in the tab: no prompt again
     expect(page.get_by_label("Your question")).to_be_visible()
@@ -397,8 +401,10 @@ def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(ope
     page.get_by_role("textbox", name="API key").fill(admin_token)
     page.get_by_role("button", name="Use this key").click()
     expect(nav.get_by_role("link")).to_have_text(["Chat", "Memory", "Failures", "Learning"])
+    expect(page.locator("#who")).to_have_text("ops · admin")
     page.goto(f"{console.url}/#failures")
     expect(page.get_by_role("button", name="abstention 1")).to_be_visible()  # ann's question
+    assert refused == []
 
 
 @pytest.mark.browser
