@@ -179,6 +179,7 @@ def test_chat_streams_an_answer_takes_a_correction_and_shows_the_memory_it_came_
     expect(again.locator(".text")).to_have_text(RIGHT)
     expect(again.locator(".used")).to_contain_text(f"#{memories[0]['id']} · score 1.00")
     expect(again.locator(".used")).to_contain_text(RIGHT)
+    assert console.api("GET", "/v1/failures", params={"kind": "repeat"})["data"] == []  # corrected, then checked
     again.get_by_role("button", name="Good answer").click()
     expect(again.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "true")
     console.shot("chat")

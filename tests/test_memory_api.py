@@ -158,6 +158,21 @@ def test_abstentions_and_repeats_are_failures_that_become_lessons(client, ratche
     assert keyed("ann").get("/v1/failures").status_code == 403  # failures are for admins
 
 
+def test_asking_again_after_correcting_the_answer_is_not_a_repeat(client):
+    first = ask(client, Q, user="ann")
+    r = client.post("/v1/feedback", json={"response_id": first["id"], "rating": -1, "user": "ann",
+                                          "correction": "Illinois Institute of Technology"})
+    assert r.status_code == 201
+    again = ask(client, Q, user="ann")  # the console's "Ask again": the corrected answer, from memory
+    assert again["choices"][0]["message"]["content"] == "Illinois Institute of Technology"
+    assert client.get("/v1/failures", params={"kind": "repeat"}).json()["data"] == []
+    rated = ask(client, "Who wrote Hamlet?", user="ann")  # only thumbs down, no correction: still a repeat
+    assert client.post("/v1/feedback", json={"response_id": rated["id"], "rating": -1, "user": "ann"}).status_code == 201
+    ask(client, "Who wrote Hamlet?", user="ann")
+    repeats = client.get("/v1/failures", params={"kind": "repeat"}).json()["data"]
+    assert [f["response_id"] for f in repeats] == [rated["id"]]
+
+
 def test_engine_errors_and_timeouts_are_recorded_as_failures(client, engine):
     engine.fail_with = EngineError("the engine crashed")
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}], "user": "ann"})
