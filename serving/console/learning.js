@@ -38,13 +38,8 @@ export async function show() {
 
 /** The learning benchmark's reports: title, records and cycle size, and each plot (fetched with the key). */
 async function loadReports() {
-  let list;
-  try {
-    list = await api.get("/v1/reports");
-  } catch (e) {
-    say($("#reports-status"), `Reports could not be loaded: ${e.message}`, "error");
-    return;
-  }
+  const list = await loaded("/v1/reports", "#reports-status", "Reports");
+  if (!list) return;
   for (const url of plotUrls) URL.revokeObjectURL(url);
   plotUrls = [];
   say($("#reports-status"), "");
@@ -104,14 +99,19 @@ async function loadCycles() {
   }
 }
 
-async function loadAdapters(cycles) {
-  let list;
+/** GET `path`; null once `status` says that `what` could not be loaded. */
+async function loaded(path, status, what) {
   try {
-    list = await api.get("/v1/adapters");
+    return await api.get(path);
   } catch (e) {
-    say($("#adapters-status"), `Versions could not be loaded: ${e.message}`, "error");
-    return;
+    say($(status), `${what} could not be loaded: ${e.message}`, "error");
+    return null;
   }
+}
+
+async function loadAdapters(cycles) {
+  const list = await loaded("/v1/adapters", "#adapters-status", "Versions");
+  if (!list) return;
   const cycleOf = new Map(cycles.filter((c) => c.adapter_version != null).map((c) => [c.adapter_version, c]));
   $("#serving").textContent = list.active ?? "the base model";
   $("#rollback").disabled = !list.active;
