@@ -28,6 +28,10 @@ ADAPTER_SCOPE = 0.7
 MAX_PROMPT_CHARS = 2000  # questions + answers put into one prompt, at most (the first always goes)
 
 
+# The memories a listing shows (Corrections.visible), by whether they were retracted.
+VISIBLE_STATES = {"live": "retracted_at is null", "retracted": "retracted_at is not null", "all": "1"}
+
+
 class UnknownMemory(KeyError):
     """No memory with that id is visible to the caller."""
 
@@ -183,10 +187,13 @@ class Corrections:
         return self.db.execute("select count(*) from memories where user is ? and retracted_at is null",
                                [user]).fetchone()[0]
 
-    def visible(self, user: str | None, *, limit: int = 50, offset: int = 0) -> list[Correction]:
-        """The live memories `user` may see, newest first."""
+    def visible(self, user: str | None, *, limit: int = 50, offset: int = 0, state: str = "live") -> list[Correction]:
+        """The memories `user` may see, newest first: live ones, retracted ones, or all (`state`)."""
+        where = VISIBLE_STATES.get(state)
+        if where is None:
+            raise ValueError(f"state must be one of {', '.join(VISIBLE_STATES)}, not {state!r}")
         rows = self.db.query(
-            "select * from memories where retracted_at is null and (user is null or user is ?)"
+            f"select * from memories where {where} and (user is null or user is ?)"
             " order by created_at desc, id desc limit ? offset ?",
             [user, limit, offset],
         )

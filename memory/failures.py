@@ -84,7 +84,8 @@ class Failures:
     def detect(self, response_id: str, memories: list[dict] | None = None) -> list[int]:
         """Look at a recorded answer for failures nobody reported: an abstention, an answer that
         contradicts an active correction of the same question, or a question asked again right
-        after the previous answer (a failure of that previous answer). Returns the failure ids."""
+        after the previous answer (a failure of that previous answer, unless the user corrected
+        it). Returns the failure ids."""
         row = self.interactions.get(response_id)
         if row is None:
             raise UnknownResponse(response_id)
@@ -100,11 +101,18 @@ class Failures:
                 found.append(self.record("contradiction", response_id, f"memory {m['id']} says {m['answer']!r}", user))
                 break
         previous = self.interactions.previous(row, REPEAT_WINDOW_SECONDS)
-        if previous is not None and prompt.strip() and not self._has("repeat", previous["id"]):
+        # A question asked again after its answer was corrected checks the correction: not a failure.
+        if previous is not None and prompt.strip() and not self._has("repeat", previous["id"]) \
+                and not self._corrected(previous["id"]):
             a, b = self.embedder.embed([prompt, previous["prompt"] or ""])
             if question_key(prompt) == question_key(previous["prompt"] or "") or float(a @ b) >= REPEAT_SCORE:
                 found.append(self.record("repeat", previous["id"], f"asked again as {response_id}", user))
         return found
+
+    def _corrected(self, response_id: str) -> bool:
+        """Did a user give a correction in their feedback on this answer?"""
+        return self.db.execute("select 1 from feedback where response_id = ? and trim(coalesce(correction, '')) != ''",
+                               [response_id]).fetchone() is not None
 
     def _has(self, kind: str, response_id: str) -> bool:
         return self.db.execute("select 1 from failures where response_id = ? and kind = ?",

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException
@@ -28,6 +28,7 @@ from memory.failures import KINDS as FAILURE_KINDS
 from serving.engines import EngineError
 from agent.graph import ThreadFull
 from serving.auth import is_loopback
+from serving.reports import UnknownReport
 from serving.runtime import EngineUnavailable
 from serving.service import (
     Busy,
@@ -145,10 +146,11 @@ def authenticate(r: Ratchet):
     return caller
 
 
-def _memory(c: Correction, score: float | None = None) -> dict:
+def _memory(r: Ratchet, c: Correction, score: float | None = None) -> dict:
     out = {"id": c.id, "object": "memory", "question": c.question, "answer": c.answer, "user": c.user,
            "shared": c.shared, "created_at": c.created_at, "retracted_at": c.retracted_at,
-           "consolidated_in": c.consolidated_in, "merged": c.merged, "source": c.source}
+           "consolidated_in": c.consolidated_in, "merged": c.merged, "source": c.source,
+           "confirmed_at": c.confirmed_at, "trusted": r.trusted(c), **r.memory_state(c)}
     if score is not None:
         out["score"] = round(score, 4)
     return out
@@ -273,17 +275,23 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
     @router.get("/v1/memories")
     def memories(who: Caller = Depends(caller), query: Text | None = None,
                  limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=2**31),
-                 threshold: float | None = Query(None, ge=-1.0, le=1.0)):
+                 threshold: float | None = Query(None, ge=-1.0, le=1.0),
+                 state: Literal["live", "retracted", "all"] = "live", user: Name | None = None):
         """With `query`: the caller's visible memories nearest to it (newest-wins applied); without:
-        the caller's visible memories, newest first."""
+        the caller's visible memories, newest first, live ones (`state`: or retracted ones, or both).
+        An admin key sees them as `user` does."""
+        if query and state != "live":
+            raise OpenAIError(400, "a search finds live memories only; list retracted ones without `query`",
+                              code="invalid_request", param="state")
         if query:
-            hits = r.search_memories(who, query, limit=limit, threshold=threshold)
-            return {"object": "list", "data": [_memory(h.correction, h.score) for h in hits]}
-        return {"object": "list", "data": [_memory(c) for c in r.list_memories(who, limit=limit, offset=offset)]}
+            hits = r.search_memories(who, query, limit=limit, threshold=threshold, user=user)
+            return {"object": "list", "data": [_memory(r, h.correction, h.score) for h in hits]}
+        listed = r.list_memories(who, limit=limit, offset=offset, state=state, user=user)
+        return {"object": "list", "data": [_memory(r, c) for c in listed]}
 
     @router.post("/v1/memories", status_code=201)
     def add_memory(body: MemoryRequest, who: Caller = Depends(caller)):
-        return _memory(r.add_correction(who, body.question, body.answer, shared=body.shared))
+        return _memory(r, r.add_correction(who, body.question, body.answer, shared=body.shared))
 
     @router.post("/v1/memories/rebuild-index")
     def rebuild_index(who: Caller = Depends(caller)):
@@ -291,18 +299,28 @@ def memories_router(r: Ratchet, caller) -> APIRouter:
 
     @router.get("/v1/memories/{memory_id}")
     def memory(memory_id: Id, who: Caller = Depends(caller)):
-        return _memory(r.memory_of(who, memory_id))
+        return _memory(r, r.memory_of(who, memory_id))
 
     @router.post("/v1/memories/{memory_id}/confirm")
     def confirm(memory_id: Id, who: Caller = Depends(caller)):
         """An admin vouches for a correction: it may now enter the shared adapter."""
-        c = r.confirm(who, memory_id)
-        return {**_memory(c), "confirmed_at": c.confirmed_at, "trusted": r.trusted(c)}
+        return _memory(r, r.confirm(who, memory_id))
 
     @router.delete("/v1/memories/{memory_id}")
     def retract(memory_id: Id, who: Caller = Depends(caller)):
         """Retract: by the user who gave it, or by an admin (the only way for a shared memory)."""
-        return {**_memory(r.retract(who, memory_id)), "deleted": True}
+        return {**_memory(r, r.retract(who, memory_id)), "deleted": True}
+
+    return router
+
+
+def caller_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["caller"])
+
+    @router.get("/v1/caller")
+    def who(who: Caller = Depends(caller)):
+        """Who this request's key (or keyless loopback) makes you: `user`, `admin`, and `keyed`."""
+        return {"object": "caller", **r.whoami(who)}
 
     return router
 
@@ -337,7 +355,7 @@ def failures_router(r: Ratchet, caller) -> APIRouter:
     def lesson(failure_id: Id, body: LessonRequest, who: Caller = Depends(caller)):
         """Turn the failure into a correction of its question with `answer`."""
         failure, memory = r.lesson(who, failure_id, body.answer, shared=body.shared)
-        return {"object": "lesson", "failure": _failure(failure), "memory": _memory(memory)}
+        return {"object": "lesson", "failure": _failure(failure), "memory": _memory(r, memory)}
 
     return router
 
@@ -400,6 +418,31 @@ def evaluations_router(r: Ratchet, caller) -> APIRouter:
     return router
 
 
+def reports_router(r: Ratchet, caller) -> APIRouter:
+    router = APIRouter(tags=["reports"])
+
+    @router.get("/v1/reports")
+    def reports(who: Caller = Depends(caller)):
+        """The learning benchmark's reports (`ratchet eval zsre`) in the server's reports folder, newest first."""
+        return {"object": "list", "data": [_report(x) for x in r.learning_reports(who)]}
+
+    @router.get("/v1/reports/{report}/plots/{plot}", response_class=FileResponse,
+                responses={200: {"content": {"image/png": {}}, "description": "the plot, a PNG image"}})
+    def report_plot(report: Name, plot: Name, who: Caller = Depends(caller)):
+        """One plot of a listed report, as its `plots` name it."""
+        return FileResponse(r.learning_report_plot(who, report, plot), media_type="image/png",
+                            headers={"Cache-Control": "private, no-cache"})
+
+    return router
+
+
+def _report(x) -> dict:
+    return {"name": x.name, "object": "report", "benchmark": "zsre", "title": x.title, "split": x.split, "n": x.n,
+            "cycle_every": x.cycle_every, "engine": x.engine, "tiers": x.tiers, "seconds": x.seconds,
+            "created_at": x.created_at,
+            "plots": [{"name": p, "url": f"/v1/reports/{x.name}/plots/{p}"} for p in x.plots]}
+
+
 def _adapter(r: Ratchet, v) -> dict:
     return {"version": v.version, "name": v.name, "parent": v.parent, "status": v.status,
             "active": v.name == r.active, "created_at": v.created_at, "metrics": v.metrics}
@@ -445,6 +488,8 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
         return shaped(404, f"no failure {e.args[0]!r}", code="failure_not_found")
     if isinstance(e, UnknownThread):
         return shaped(404, f"you have no thread {e.args[0]!r}", code="thread_not_found")
+    if isinstance(e, UnknownReport):
+        return shaped(404, f"no report {e.args[0]!r}; see GET /v1/reports", code="report_not_found")
     if isinstance(e, Forbidden):
         return shaped(403, str(e), "permission_error", "admin_required")
     if isinstance(e, NotAllowed):
@@ -471,7 +516,7 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
 
 # The exceptions _error_body maps, each to its own status (anything else is a 500).
 KNOWN_ERRORS = (UnknownResponse, UnknownModel, UnknownAdapter, UnknownCycle, UnknownMemory, UnknownFailure,
-                UnknownThread, Forbidden, NotAllowed, NotServable, Invalid, TooLarge, ThreadFull, QuotaExceeded, Busy,
+                UnknownThread, UnknownReport, Forbidden, NotAllowed, NotServable, Invalid, TooLarge, ThreadFull, QuotaExceeded, Busy,
                 EngineError, OpenAIError)
 
 
@@ -542,8 +587,8 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     app = FastAPI(title="Ratchet", version="0.1.0", description="An assistant that learns from every correction.",
                   lifespan=lifespan)
     caller = authenticate(r)
-    for make in (chat_router, feedback_router, memories_router, threads_router, failures_router,
-                 consolidations_router, adapters_router, evaluations_router):
+    for make in (chat_router, caller_router, feedback_router, memories_router, threads_router, failures_router,
+                 consolidations_router, adapters_router, evaluations_router, reports_router):
         app.include_router(make(r, caller))
 
     @app.get("/health")
@@ -598,7 +643,6 @@ def create_app(r: Ratchet, *, stop_on_shutdown: bool = False) -> FastAPI:
     # The web console: static files at / that call only the routes above (serving/console/).
     import pathlib
 
-    from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
     console = pathlib.Path(__file__).parent / "console"

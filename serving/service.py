@@ -27,6 +27,7 @@ from memory import LOCAL_USER, Correction, Hit, Memory, UnknownResponse
 from serving.auth import ApiKey, ApiKeys, is_loopback
 from serving.engines import Engine, EngineError, make_engine
 from serving.metrics import Metrics
+from serving.reports import LearningReport, LearningReports
 from serving.runtime import EngineRuntime
 from serving.settings import Settings
 from trainer.base_model import resolve_model
@@ -107,6 +108,7 @@ class Ratchet:
         self.memory = Memory(settings.data_dir, open_index=not offline, embedder_dir=settings.embedder_dir)
         self.registry = AdapterRegistry(self.memory.db, settings.data_dir / "adapters")
         self.keys = ApiKeys(self.memory.db)
+        self.reports = LearningReports(settings.reports_dir)
         self.offline = offline
         self.engine = engine
         self.model_path: str | None = None
@@ -209,6 +211,10 @@ class Ratchet:
                 "restarts": self.restarts, "auth": self.keys.any_live(), **self.engine.status()}
 
     # -- who may ---------------------------------------------------------------------------
+    def whoami(self, caller: Caller) -> dict:
+        """Who the server takes the caller for: their user, whether an admin, and by a key or keyless."""
+        return {"user": caller.user, "admin": caller.admin, "keyed": caller.key_id is not None}
+
     @staticmethod
     def _admin(caller: Caller, what: str) -> None:
         if not caller.admin:
@@ -423,15 +429,37 @@ class Ratchet:
         """One memory the caller may see: theirs or a shared one."""
         return self.memory.corrections.get(memory_id, caller.user)
 
-    def search_memories(self, caller: Caller, query: str, *, limit: int = 20,
-                        threshold: float | None = None) -> list[Hit]:
-        """The memories the caller may see nearest to `query`, the newest correction of a question winning."""
-        return self.memory.search(query, caller.user, k=limit, max_chars=None,
+    def search_memories(self, caller: Caller, query: str, *, limit: int = 20, threshold: float | None = None,
+                        user: str | None = None) -> list[Hit]:
+        """The memories the caller may see nearest to `query`, the newest correction of a question
+        winning; an admin may search as `user` sees them."""
+        return self.memory.search(query, self._seen_by(caller, user), k=limit, max_chars=None,
                                   threshold=self.settings.memory_threshold if threshold is None else threshold)
 
-    def list_memories(self, caller: Caller, *, limit: int = 20, offset: int = 0) -> list[Correction]:
-        """The caller's visible memories, newest first."""
-        return self.memory.corrections.visible(caller.user, limit=limit, offset=offset)
+    def list_memories(self, caller: Caller, *, limit: int = 20, offset: int = 0, state: str = "live",
+                      user: str | None = None) -> list[Correction]:
+        """The caller's visible memories (an admin's: `user`'s), newest first: live ones, retracted
+        ones, or all (`state`)."""
+        return self.memory.corrections.visible(self._seen_by(caller, user), limit=limit, offset=offset, state=state)
+
+    @staticmethod
+    def _seen_by(caller: Caller, user: str | None) -> str:
+        """Whose view of the memories: `user`'s for an admin who names one, else the caller's own
+        (a user key's user overrides any other name, as in every request it sends)."""
+        return user if user and caller.admin else caller.user
+
+    def memory_state(self, c: Correction) -> dict:
+        """What became of a memory: `state` memory (retrieved only), weights (consolidated) or
+        retracted, and `adapter`, the version whose cycle consolidated it."""
+        adapter = None
+        if c.consolidated_in is not None and self.cycles is not None:
+            try:
+                version = self.cycles.get(c.consolidated_in).get("adapter_version")
+            except KeyError:  # a cycle record that is gone: the memory still says which cycle it was
+                version = None
+            adapter = f"ratchet-v{version}" if version else None
+        state = "retracted" if c.retracted_at else "weights" if c.consolidated_in is not None else "memory"
+        return {"state": state, "adapter": adapter}
 
     def retract(self, caller: Caller, memory_id: int) -> Correction:
         """Out of retrieval at once, out of the weights at the next cycle: by the user who gave it,
@@ -529,6 +557,17 @@ class Ratchet:
             target = earlier[-1] if earlier else None
             self.runtime.switch(target)
             return self.registry.get(target.version) if target else None
+
+    # -- the learning benchmark's reports ------------------------------------------------------
+    def learning_reports(self, caller: Caller) -> list[LearningReport]:
+        """The runs of `ratchet eval zsre` in settings.reports_dir, newest first."""
+        self._admin(caller, "the benchmark reports")
+        return self.reports.list()
+
+    def learning_report_plot(self, caller: Caller, name: str, plot: str) -> Path:
+        """The PNG file of one plot of one listed report (UnknownReport for anything else)."""
+        self._admin(caller, "the benchmark reports")
+        return self.reports.plot(name, plot)
 
     # -- API keys --------------------------------------------------------------------------
     def create_key(self, caller: Caller, user: str, *, admin: bool = False) -> tuple[ApiKey, str]:

@@ -68,6 +68,8 @@ class Settings:
     # users always do). Others stay in their own memory. Default: the keyless local user.
     trusted_users: tuple[str, ...] = (LOCAL_USER,)
     monitor_interval: float = 2.0  # seconds between checks that the engine is alive; 0: no monitor
+    # Where `ratchet eval zsre` wrote its reports (zsre-*/), shown to admins; relative to the working directory.
+    reports_dir: Path = Path("reports")
     limits: Limits = field(default_factory=lambda: Limits())
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     cycle: CycleConfig = field(default_factory=CycleConfig)
@@ -79,6 +81,7 @@ class Settings:
         self.data_dir = Path(self.data_dir).expanduser()
         self.models_dir = Path(self.models_dir).expanduser() if self.models_dir else self.data_dir / "models"
         self.embedder_dir = Path(self.embedder_dir).expanduser()
+        self.reports_dir = Path(self.reports_dir).expanduser()
         problems = [
             (self.engine not in ENGINES, f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}"),
             (not 0 <= self.port <= 65535, f"port must be between 0 and 65535, not {self.port}"),
@@ -106,6 +109,7 @@ class Settings:
             "adapter_scope": _scope(os.environ.get("RATCHET_ADAPTER_SCOPE")),
             "trusted_users": _names(os.environ.get("RATCHET_TRUSTED_USERS")),
             "merged_lane": _bool(os.environ.get("RATCHET_MERGED_LANE")),
+            "reports_dir": os.environ.get("RATCHET_REPORTS_DIR"),
         }
         every = overrides.pop("consolidate_every", None) or os.environ.get("RATCHET_CONSOLIDATE_EVERY")
         after = overrides.pop("consolidate_after", None) or _int(os.environ.get("RATCHET_CONSOLIDATE_AFTER"))

@@ -133,12 +133,20 @@ def test_untrusted_corrections_wait_for_an_admin_before_entering_the_shared_adap
     assert ask(eve, Q)["choices"][0]["message"]["content"] == "Harvard"  # her own memory: at once
     first = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
     assert first["status"] == "succeeded" and first["message"] == "no new corrections"  # not trusted: not trained
-    memory_id = eve.get("/v1/memories").json()["data"][0]["id"]
+    memory = eve.get("/v1/memories").json()["data"][0]
+    assert (memory["trusted"], memory["confirmed_at"], memory["state"], memory["adapter"]) == (False, None, "memory", None)
+    ops_own = admin.post("/v1/memories", json={"question": "What is the capital of Peru?", "answer": "Lima"}).json()
+    assert ops_own["trusted"] is True and ops_own["confirmed_at"] is None  # an admin-key user's: trusted as given
+    memory_id = memory["id"]
     assert eve.post(f"/v1/memories/{memory_id}/confirm").status_code == 403
     r = admin.post(f"/v1/memories/{memory_id}/confirm")
-    assert r.status_code == 200 and r.json()["trusted"] is True
+    assert r.status_code == 200 and r.json()["trusted"] is True and r.json()["confirmed_at"]
     second = ratchet.cycles.wait(admin.post("/v1/consolidations").json()["id"])
-    assert second["status"] == "succeeded" and second["adapter_version"] == 1 and second["n_corrections"] == 1
+    assert second["status"] == "succeeded" and second["adapter_version"] == 1 and second["n_corrections"] == 2
+    learnt = eve.get(f"/v1/memories/{memory_id}").json()  # a user key sees which version learnt it
+    assert (learnt["state"], learnt["consolidated_in"], learnt["adapter"]) == ("weights", second["id"], "ratchet-v1")
+    retracted = eve.delete(f"/v1/memories/{memory_id}").json()
+    assert (retracted["state"], retracted["adapter"]) == ("retracted", "ratchet-v1")
 
 
 def test_vllm_refuses_token_agreement_with_an_adapter_rather_than_crash():
@@ -166,3 +174,63 @@ def test_every_door_a_correction_comes_through_counts_toward_consolidate_after(s
         failure = client.get("/v1/failures", params={"kind": "abstention"}).json()["data"][0]
         assert client.post(f"/v1/failures/{failure['id']}/lesson", json={"answer": "Illinois"}).status_code == 201
     assert submitted == ["after 1 corrections"]
+
+
+def test_the_learning_benchmarks_reports_are_listed_newest_first_with_their_plots(start_ratchet, tmp_path):
+    import os
+
+    from tests.fakes import png, write_learning_report
+
+    reports = tmp_path / "reports"
+    old = write_learning_report(reports, "zsre-n12-k6", n=12, cycle_every=6, split=None, plots=("accuracy_per_cycle.png",))
+    os.utime(old / "results.json", (1_700_000_000, 1_700_000_000))
+    write_learning_report(reports, "zsre-report-n200-k50", plots=("accuracy_per_cycle.png", "neighbourhood.png"))
+    (reports / "zsre-broken").mkdir()
+    (reports / "zsre-broken" / "results.json").write_text("{not json")  # a run still writing: left out
+    (reports / "memory-tier").mkdir()
+    (reports / "memory-tier" / "results.json").write_text("{}")  # not the learning benchmark's
+    (reports / "secret.png").write_bytes(png())
+    client = TestClient(create_app(start_ratchet(reports_dir=reports)), base_url="http://127.0.0.1")
+
+    listed = client.get("/v1/reports").json()["data"]
+    assert [(x["name"], x["split"], x["n"], x["cycle_every"]) for x in listed] == [
+        ("zsre-report-n200-k50", "report", 200, 50), ("zsre-n12-k6", None, 12, 6)]
+    assert listed[0]["title"] == "zsRE learning benchmark: N=200, a cycle every 50"
+    assert [p["name"] for p in listed[0]["plots"]] == ["accuracy_per_cycle.png", "neighbourhood.png"]
+    url = listed[0]["plots"][1]["url"]
+    assert url == "/v1/reports/zsre-report-n200-k50/plots/neighbourhood.png"
+    plot = client.get(url)
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png" and plot.content == png()
+
+    for path in ("/v1/reports/zsre-n12-k6/plots/neighbourhood.png",  # a plot this run lacks
+                 "/v1/reports/zsre-n12-k6/plots/results.json",  # a file the listing does not name
+                 "/v1/reports/zsre-broken/plots/accuracy_per_cycle.png",
+                 "/v1/reports/..%2Fsecret.png/plots/accuracy_per_cycle.png",
+                 "/v1/reports/zsre-n12-k6/plots/..%2F..%2Fsecret.png"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"]["code"] in ("report_not_found", None), (path, r.text)
+    assert client.get("/v1/reports/zsre-n12-k6/plots/nope.png").json()["error"]["code"] == "report_not_found"
+
+
+def test_a_server_without_a_reports_folder_lists_none(start_ratchet, tmp_path):
+    client = TestClient(create_app(start_ratchet(reports_dir=tmp_path / "nowhere")), base_url="http://127.0.0.1")
+    assert client.get("/v1/reports").json() == {"object": "list", "data": []}
+
+
+def test_the_reports_are_in_the_openapi_schema_with_the_plot_as_png(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "get" in paths["/v1/reports"]
+    plot = paths["/v1/reports/{report}/plots/{plot}"]["get"]
+    assert "image/png" in plot["responses"]["200"]["content"]
+
+
+def test_the_caller_route_says_who_a_key_makes_you(ratchet, client):
+    assert client.get("/v1/caller").json() == {"object": "caller", "user": "local", "admin": True, "keyed": False}
+    assert client.get("/v1/caller", params={"user": "ann"}).json()["user"] == "ann"  # keyless: as named
+    _, ann = ratchet.keys.create("ann")
+    _, ops = ratchet.keys.create("ops", "admin")
+    as_ann = client.get("/v1/caller", params={"user": "bob"}, headers={"Authorization": f"Bearer {ann}"})
+    assert as_ann.json() == {"object": "caller", "user": "ann", "admin": False, "keyed": True}
+    as_ops = client.get("/v1/caller", headers={"Authorization": f"Bearer {ops}"})
+    assert as_ops.json() == {"object": "caller", "user": "ops", "admin": True, "keyed": True}
+    assert client.get("/v1/caller").status_code == 401  # keys exist: nobody is anonymous

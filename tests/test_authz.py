@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from serving.api import create_app
 from serving.engines import EngineError
 from serving.settings import Settings
+from tests.fakes import write_learning_report
 from trainer.cycle import CycleConfig
 from trainer.lora import TrainingConfig
 
@@ -120,6 +121,8 @@ class World:
         (folder / "adapter_config.json").write_text("{}")
         r.registry.register(1, parent=None, cycle_id=None, manifest={})
         self.ids["version"] = "1"
+        write_learning_report(r.settings.reports_dir, "zsre-report-n20-k10", n=20, cycle_every=10)
+        self.ids.update(report="zsre-report-n20-k10", plot="accuracy_per_cycle.png")
 
     def headers(self, name: str | None) -> dict:
         return {"Authorization": f"Bearer {self.tokens[name]}"} if name else {}
@@ -167,8 +170,8 @@ def authorized(response, method: str, path: str) -> None:
 
 
 @pytest.fixture
-def world(start_ratchet, echo_model):
-    return World(start_ratchet(cycle=FAST), echo_model)
+def world(start_ratchet, echo_model, tmp_path):
+    return World(start_ratchet(cycle=FAST, reports_dir=tmp_path / "reports"), echo_model)
 
 
 @pytest.mark.parametrize("method,path", ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])

@@ -26,7 +26,8 @@ from trainer.gate import GateConfig
 from trainer.lora import TrainingConfig
 
 CHROMIUM = os.environ.get("RATCHET_CHROMIUM", "/usr/bin/chromium")  # Debian's; playwright never downloads one
-CONSOLE = Path(__file__).resolve().parents[1] / "serving" / "console"
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE = ROOT / "serving" / "console"
 Q = "What university did Watts Humphrey attend?"
 RIGHT = "Illinois Institute of Technology"
 # A cycle of a few seconds whose gate measures the candidate and lets it through: a random
@@ -112,8 +113,8 @@ def open_console(browser, tmp_path, tiny_model):
 
     def open(width: int = 1200, height: int = 820) -> Console:
         engine = SlowEcho()
-        ratchet = Ratchet(Settings(data_dir=tmp_path / f"data{len(opened)}", model=tiny_model, cycle=TINY_CYCLE),
-                          engine=engine)
+        ratchet = Ratchet(Settings(data_dir=tmp_path / f"data{len(opened)}", model=tiny_model, cycle=TINY_CYCLE,
+                                   reports_dir=tmp_path / f"reports{len(opened)}"), engine=engine)
         ratchet.start()
         server = LiveServer(create_app(ratchet)).__enter__()
         context = browser.new_context(viewport={"width": width, "height": height})
@@ -178,6 +179,7 @@ def test_chat_streams_an_answer_takes_a_correction_and_shows_the_memory_it_came_
     expect(again.locator(".text")).to_have_text(RIGHT)
     expect(again.locator(".used")).to_contain_text(f"#{memories[0]['id']} · score 1.00")
     expect(again.locator(".used")).to_contain_text(RIGHT)
+    assert console.api("GET", "/v1/failures", params={"kind": "repeat"})["data"] == []  # corrected, then checked
     again.get_by_role("button", name="Good answer").click()
     expect(again.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "true")
     console.shot("chat")
@@ -227,6 +229,15 @@ def test_memory_lists_searches_and_retracts_with_a_confirmation(open_console):
     dialog.get_by_role("button", name="Retract").click()
     expect(page.get_by_text("No memories yet.")).to_be_visible()
     console.shot("memory-empty")
+    page.get_by_label("Show").select_option("retracted")  # what was retracted, still listed as such
+    expect(cards).to_have_count(2)
+    expect(cards.first).to_contain_text("retracted")
+    expect(cards.first).not_to_contain_text("in memory only")
+    expect(cards.first.get_by_role("button", name="Retract")).to_be_hidden()
+    page.get_by_label("Show").select_option("all")
+    expect(cards).to_have_count(2)
+    page.get_by_label("Show").select_option("live")
+    expect(page.get_by_text("No memories yet.")).to_be_visible()
     page.goto(f"{console.url}/#chat")
     expect(ask(page, Q).locator(".text")).to_have_text("I do not know")  # retracted: no longer used
 
@@ -296,17 +307,61 @@ def test_a_consolidation_is_followed_live_and_the_timeline_activates_and_rolls_b
     expect(page.locator("#serving")).to_have_text("ratchet-v1")
     assert console.ratchet.active == "ratchet-v1"
 
-    # Each memory's state: in the weights (with the cycle and its version), or in memory only.
+    # Each memory's state: in the weights (with its version), or in memory only; the operator's
+    # own corrections are trusted, so there is nothing to confirm.
     console.api("POST", "/v1/memories", json={"question": "What is the capital of Australia?", "answer": "Canberra"})
     page.goto(f"{console.url}/#memory")
     cards = page.locator("#memory-list > li")
     expect(cards).to_have_count(2)
     expect(cards.first).to_contain_text("in memory only")
-    expect(cards.last).to_contain_text("consolidated in cycle 1 → ratchet-v1")
-    expect(cards.last.get_by_role("button", name="Confirm for the shared adapter")).to_be_hidden()
+    expect(cards.last).to_contain_text("consolidated into ratchet-v1")
+    expect(page.get_by_role("button", name="Confirm for the shared adapter")).to_have_count(0)
+    console.shot("memory")
+
+    # An untrusted user's correction, seen as that user: it waits for an admin, who confirms it.
+    console.api("POST", "/v1/memories", json={"question": "What is the capital of Peru?", "answer": "Lima",
+                                              "user": "ann"})
+    page.get_by_label("As user").fill("ann")
+    page.get_by_label("As user").press("Enter")
+    expect(cards).to_have_count(1)
+    expect(cards.first).to_contain_text("Lima")
+    expect(cards.first).to_contain_text("awaiting an admin's confirmation")
+    console.shot("memory-confirm")
     cards.first.get_by_role("button", name="Confirm for the shared adapter").click()
     expect(cards.first).to_contain_text("Confirmed: the next consolidation may learn it.")
-    console.shot("memory")
+    expect(cards.first).not_to_contain_text("awaiting")
+    assert console.api("GET", "/v1/memories", params={"user": "ann"})["data"][0]["trusted"] is True
+
+
+@pytest.mark.browser
+def test_the_learning_view_shows_the_benchmarks_reports_with_their_plots(open_console):
+    import shutil
+
+    from playwright.sync_api import expect
+
+    from tests.fakes import write_learning_report
+
+    console = open_console()
+    page = console.open("learning")
+    expect(page.get_by_text("No benchmark report in this server's reports folder")).to_be_visible()
+    reports = console.ratchet.settings.reports_dir
+    older = write_learning_report(reports, "zsre-tune-n20-k10", n=20, cycle_every=10, split="tune", plots=())
+    os.utime(older / "results.json", (1_700_000_000, 1_700_000_000))
+    shutil.copytree(ROOT / "reports" / "zsre-n200-k50", reports / "zsre-n200-k50")  # a real run, its real plots
+    page.reload()
+    cards = page.locator("#reports > li")
+    expect(cards).to_have_count(2)
+    expect(cards.first.locator("h3")).to_have_text("zsRE learning benchmark: N=200, a cycle every 50")
+    expect(cards.first).to_contain_text("N=200 · K=50")
+    expect(cards.last).to_contain_text("split tune · N=20 · K=10")
+    plots = cards.first.get_by_role("img")
+    expect(plots).to_have_count(2)
+    expect(plots.first).to_have_accessible_name("Accuracy per cycle (zsre-n200-k50)")
+    page.wait_for_function("[...document.querySelectorAll('#reports img')].every((i) => i.complete && i.naturalWidth > 0)",
+                           timeout=WAIT_MS)
+    assert plots.first.evaluate("(i) => i.naturalWidth") > 100  # the PNG itself, fetched with the caller's key
+    expect(page.get_by_text("No benchmark report")).to_be_hidden()
+    page.locator("#reports").screenshot(path=str(console.shots / "plots.png"))
 
 
 @pytest.mark.browser
@@ -316,7 +371,10 @@ def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(ope
     console = open_console()
     _, user_token = console.ratchet.create_key(LOCAL_ADMIN, "ann")
     _, admin_token = console.ratchet.create_key(LOCAL_ADMIN, "ops", admin=True)
-    page = console.open()
+    refused = []  # the console asks who it is (GET /v1/caller) rather than probing admin routes
+    page = console.page
+    page.on("response", lambda r: refused.append(r.url) if r.status == 403 else None)
+    console.open()
     expect(page.get_by_role("heading", name="API key")).to_be_visible()
     console.shot("key")
     page.get_by_role("textbox", name="API key").fill("rk-wrong")
@@ -329,6 +387,7 @@ def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(ope
     assert page.evaluate("sessionStorage.getItem('ratchet.key')") == user_token
     nav = page.get_by_role("navigation", name="Views")
     expect(nav.get_by_role("link")).to_have_text(["Chat", "Memory"])
+    expect(page.locator("#who")).to_have_text("ann")
     expect(ask(page, Q).locator(".text")).to_have_text("I do not know")
     page.reload()  # the key is kept in the tab: no prompt again
     expect(page.get_by_label("Your question")).to_be_visible()
@@ -343,8 +402,10 @@ def test_a_user_key_is_asked_once_kept_in_the_tab_and_cannot_see_admin_views(ope
     page.get_by_role("textbox", name="API key").fill(admin_token)
     page.get_by_role("button", name="Use this key").click()
     expect(nav.get_by_role("link")).to_have_text(["Chat", "Memory", "Failures", "Learning"])
+    expect(page.locator("#who")).to_have_text("ops · admin")
     page.goto(f"{console.url}/#failures")
     expect(page.get_by_role("button", name="abstention 1")).to_be_visible()  # ann's question
+    assert refused == []
 
 
 @pytest.mark.browser

@@ -99,6 +99,32 @@ def test_a_user_retracts_their_own_correction_and_it_is_gone_at_once(keyed):
     assert ann.get("/v1/memories", params={"query": Q}).json()["data"] == []
 
 
+def test_retracted_memories_are_listed_when_asked_for_and_only_the_callers(keyed):
+    ann, bob = keyed("ann"), keyed("bob")
+    kept = ann.post("/v1/memories", json={"question": "What is the capital of Peru?", "answer": "Lima"}).json()
+    gone = ann.post("/v1/memories", json={"question": Q, "answer": "IIT"}).json()
+    bobs = bob.post("/v1/memories", json={"question": Q, "answer": "Harvard"}).json()
+    assert ann.delete(f"/v1/memories/{gone['id']}").status_code == 200
+    assert bob.delete(f"/v1/memories/{bobs['id']}").status_code == 200
+
+    def listed(client, **params):
+        return [(m["id"], m["state"]) for m in client.get("/v1/memories", params=params).json()["data"]]
+
+    assert listed(ann) == [(kept["id"], "memory")]  # live ones by default, as before
+    assert listed(ann, state="retracted") == [(gone["id"], "retracted")]
+    assert listed(ann, state="all") == [(gone["id"], "retracted"), (kept["id"], "memory")]
+    assert listed(bob, state="retracted") == [(bobs["id"], "retracted")]
+    assert listed(bob, user="ann", state="all") == [(bobs["id"], "retracted")]  # a user key sees only its own
+    ops = keyed("ops", admin=True)
+    assert listed(ops, user="ann", state="all") == listed(ann, state="all")  # an admin, as ann sees them
+    found = ops.get("/v1/memories", params={"user": "ann", "query": "What is the capital of Peru?"}).json()["data"]
+    assert [m["id"] for m in found] == [kept["id"]]
+    r = ann.get("/v1/memories", params={"state": "gone"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "state"
+    r = ann.get("/v1/memories", params={"state": "retracted", "query": Q})  # retrieval never finds them
+    assert r.status_code == 400 and r.json()["error"]["param"] == "state"
+
+
 def test_shared_memories_need_an_admin_to_add_and_retract(keyed):
     zoe, admin = keyed("zoe"), keyed("ops", admin=True)
     r = zoe.post("/v1/memories", json={"question": Q, "answer": "IIT", "shared": True})
@@ -130,6 +156,21 @@ def test_abstentions_and_repeats_are_failures_that_become_lessons(client, ratche
     assert client.get("/v1/failures", params={"kind": "nonsense"}).status_code == 400
     assert client.get("/v1/failures/999").json()["error"]["code"] == "failure_not_found"
     assert keyed("ann").get("/v1/failures").status_code == 403  # failures are for admins
+
+
+def test_asking_again_after_correcting_the_answer_is_not_a_repeat(client):
+    first = ask(client, Q, user="ann")
+    r = client.post("/v1/feedback", json={"response_id": first["id"], "rating": -1, "user": "ann",
+                                          "correction": "Illinois Institute of Technology"})
+    assert r.status_code == 201
+    again = ask(client, Q, user="ann")  # the console's "Ask again": the corrected answer, from memory
+    assert again["choices"][0]["message"]["content"] == "Illinois Institute of Technology"
+    assert client.get("/v1/failures", params={"kind": "repeat"}).json()["data"] == []
+    rated = ask(client, "Who wrote Hamlet?", user="ann")  # only thumbs down, no correction: still a repeat
+    assert client.post("/v1/feedback", json={"response_id": rated["id"], "rating": -1, "user": "ann"}).status_code == 201
+    ask(client, "Who wrote Hamlet?", user="ann")
+    repeats = client.get("/v1/failures", params={"kind": "repeat"}).json()["data"]
+    assert [f["response_id"] for f in repeats] == [rated["id"]]
 
 
 def test_engine_errors_and_timeouts_are_recorded_as_failures(client, engine):

@@ -25,6 +25,7 @@ ENV = {
     "RATCHET_ADAPTER_SCOPE": ("adapter_scope", "off", 0.0),
     "RATCHET_TRUSTED_USERS": ("trusted_users", "ann, bob", ("ann", "bob")),
     "RATCHET_MERGED_LANE": ("merged_lane", "1", True),
+    "RATCHET_REPORTS_DIR": ("reports_dir", "/srv/reports", Path("/srv/reports")),
 }
 
 

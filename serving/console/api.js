@@ -64,6 +64,7 @@ export const api = {
   get: async (path, params = {}) => (await send("GET", withQuery(path, params))).json(),
   post: async (path, body = {}) => (await send("POST", path, body)).json(),
   delete: async (path) => (await send("DELETE", path)).json(),
+  blob: async (path) => (await send("GET", path)).blob(), // an image the key may see, for an object URL
 };
 
 /** GET /health, which answers 503 with the same body while the engine restarts. */

@@ -2,7 +2,7 @@
 // location's #hash), and the states every view shares: the key prompt, the engine restarting,
 // the server unreachable.
 
-import { ApiError, api, health, key, onError } from "./api.js";
+import { api, health, key, onError } from "./api.js";
 import { $ } from "./ui.js";
 import * as chat from "./chat.js";
 import * as memory from "./memory.js";
@@ -11,7 +11,7 @@ import * as learning from "./learning.js";
 
 const VIEWS = { chat, memory, failures, learning };
 const ADMIN_VIEWS = new Set(["failures", "learning"]); // routes a user key gets 403 on
-export const session = { admin: false, keyed: false, ready: false };
+export const session = { admin: false, keyed: false, ready: false, user: "" };
 
 let watchingHealth = null; // the timer that polls /health while the engine restarts
 
@@ -34,17 +34,16 @@ async function start() {
 
 /** Find out what the caller may do, then show the view the location asks for. */
 async function enter() {
+  let caller;
   try {
-    await api.get("/v1/models"); // any key may: a 401 here means the key is wrong
+    caller = await api.get("/v1/caller"); // any key may: a 401 here means the key is wrong
   } catch (e) {
     if (e.status === 401) return askForKey(e.message);
+    caller = { user: "", admin: false }; // the server is unreachable or restarting: the shell says so
   }
-  try {
-    await api.get("/v1/consolidations"); // an admin's route: 403 for a user key
-    session.admin = true;
-  } catch (e) {
-    session.admin = !(e instanceof ApiError && e.status === 403);
-  }
+  session.admin = caller.admin;
+  session.user = caller.user;
+  $("#who").textContent = caller.user ? `${caller.user}${caller.admin ? " · admin" : ""}` : "";
   document.body.dataset.role = session.admin ? "admin" : "user";
   document.querySelector("nav").hidden = false;
   for (const link of document.querySelectorAll("nav [data-admin]")) link.hidden = !session.admin;

@@ -1,5 +1,6 @@
 // Learning (admins): start a consolidation and follow it live, the schedule, every adapter
-// version with its gate figures, verdict and parent, and activate or roll back (confirmed first).
+// version with its gate figures, verdict and parent, and activate or roll back (confirmed first);
+// the learning benchmark's reports with their plots.
 
 import { api } from "./api.js";
 import { refreshEngine } from "./console.js";
@@ -14,7 +15,13 @@ const GATE = [ // the gate's figures in a version's metrics, and what each means
   ["gate_negative_flips", "negative flips", "earlier corrections lost"],
   ["gate_locality_token", "token locality", "unrelated answers' tokens kept"],
 ];
+const PLOT_NAMES = { // what each plot of a report shows, as its alternative text
+  "accuracy_per_cycle.png": "Accuracy per cycle",
+  "first_cycle_over_time.png": "The first cycle's corrections over later cycles",
+  "neighbourhood.png": "The corrected questions and their subjects' neighbours, per tier",
+};
 let following = null; // the id of the cycle being followed
+let plotUrls = []; // object URLs of the plots shown, released when the reports are drawn again
 
 export function init() {
   $("#consolidate").addEventListener("click", consolidate);
@@ -26,6 +33,45 @@ export async function show() {
   await loadAdapters(cycles);
   const running = cycles?.find((c) => RUNNING.has(c.status));
   if (running) follow(running);
+  await loadReports();
+}
+
+/** The learning benchmark's reports: title, records and cycle size, and each plot (fetched with the key). */
+async function loadReports() {
+  const list = await loaded("/v1/reports", "#reports-status", "Reports");
+  if (!list) return;
+  for (const url of plotUrls) URL.revokeObjectURL(url);
+  plotUrls = [];
+  say($("#reports-status"), "");
+  $("#reports-empty").hidden = list.data.length > 0;
+  $("#reports").replaceChildren(...list.data.map(report));
+}
+
+function report(x) {
+  const node = clone("t-report");
+  const parts = [x.split ? `split ${x.split}` : null, x.n != null ? `N=${x.n}` : null,
+                 x.cycle_every != null ? `K=${x.cycle_every} (a cycle every ${x.cycle_every} corrections)` : null,
+                 x.engine, when(x.created_at)];
+  fill(node, { title: x.title, meta: parts.filter(Boolean).join(" · ") });
+  node.dataset.report = x.name;
+  const plots = node.querySelector(".plots");
+  for (const plot of x.plots) {
+    const frame = document.createElement("figure");
+    const image = document.createElement("img");
+    image.alt = `${PLOT_NAMES[plot.name] ?? plot.name} (${x.name})`;
+    const caption = document.createElement("figcaption");
+    caption.textContent = PLOT_NAMES[plot.name] ?? plot.name;
+    frame.append(image, caption);
+    plots.append(frame);
+    api.blob(plot.url).then((blob) => {
+      const url = URL.createObjectURL(blob);
+      plotUrls.push(url);
+      image.src = url;
+    }).catch((e) => {
+      caption.textContent = `${caption.textContent}: not loaded (${e.message})`;
+    });
+  }
+  return node;
 }
 
 async function loadCycles() {
@@ -53,14 +99,19 @@ async function loadCycles() {
   }
 }
 
-async function loadAdapters(cycles) {
-  let list;
+/** GET `path`; null once `status` says that `what` could not be loaded. */
+async function loaded(path, status, what) {
   try {
-    list = await api.get("/v1/adapters");
+    return await api.get(path);
   } catch (e) {
-    say($("#adapters-status"), `Versions could not be loaded: ${e.message}`, "error");
-    return;
+    say($(status), `${what} could not be loaded: ${e.message}`, "error");
+    return null;
   }
+}
+
+async function loadAdapters(cycles) {
+  const list = await loaded("/v1/adapters", "#adapters-status", "Versions");
+  if (!list) return;
   const cycleOf = new Map(cycles.filter((c) => c.adapter_version != null).map((c) => [c.adapter_version, c]));
   $("#serving").textContent = list.active ?? "the base model";
   $("#rollback").disabled = !list.active;

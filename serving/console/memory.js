@@ -5,10 +5,14 @@ import { api } from "./api.js";
 import { $, clone, confirmAction, fill, say, slot, when } from "./ui.js";
 
 const PAGE = 20; // memories fetched at a time
+const EMPTY = { // what an empty list says, by the state shown
+  live: "No memories yet. Correct an answer in Chat, or teach a failed one in Failures: it shows up here at once.",
+  retracted: "No retracted memories.",
+  all: "No memories yet.",
+};
 let session;
 let query = "";
 let offset = 0;
-let adapterOf = new Map(); // cycle id -> the adapter it made (admins only: GET /v1/consolidations)
 
 export function init(shared) {
   session = shared;
@@ -23,17 +27,16 @@ export function init(shared) {
     load(true);
   });
   $("#memory-more").addEventListener("click", () => load(false));
+  $("#memory-state").addEventListener("change", () => {
+    query = "";
+    $("#memory-query").value = "";
+    load(true);
+  });
+  $("#memory-user").addEventListener("change", () => load(true));
 }
 
 export async function show() {
-  if (session.admin) {
-    try {
-      const cycles = await api.get("/v1/consolidations");
-      adapterOf = new Map(cycles.data.map((c) => [c.id, c.adapter]));
-    } catch {
-      adapterOf = new Map();
-    }
-  }
+  for (const node of document.querySelectorAll("#view-memory [data-admin]")) node.hidden = !session.admin;
   await load(true);
 }
 
@@ -41,11 +44,12 @@ async function load(fresh) {
   const list = $("#memory-list");
   const status = $("#memory-status");
   if (fresh) offset = 0;
+  const user = session.admin ? $("#memory-user").value.trim() : "";
   let page;
   try {
     page = (query
-      ? await api.get("/v1/memories", { query, limit: PAGE })
-      : await api.get("/v1/memories", { limit: PAGE, offset })).data;
+      ? await api.get("/v1/memories", { query, limit: PAGE, user })
+      : await api.get("/v1/memories", { limit: PAGE, offset, state: $("#memory-state").value, user })).data;
   } catch (e) {
     say(status, `Memories could not be loaded: ${e.message}`, "error");
     return;
@@ -63,14 +67,15 @@ async function load(fresh) {
 
 /** The empty state: shown when the caller has no memory at all (not for a search that found none). */
 function empty() {
+  $("#memory-empty").textContent = EMPTY[$("#memory-state").value];
   $("#memory-empty").hidden = $("#memory-list").children.length > 0 || Boolean(query);
 }
 
+/** What became of a memory, as the API says: in memory only, in a version's weights, or retracted. */
 function state(m) {
-  if (m.retracted_at) return "retracted";
-  if (m.consolidated_in == null) return "in memory only";
-  const adapter = adapterOf.get(m.consolidated_in);
-  return `consolidated in cycle ${m.consolidated_in}${adapter ? ` → ${adapter}` : ""}`;
+  if (m.state === "retracted") return m.adapter ? `retracted (was in ${m.adapter})` : "retracted";
+  if (m.state === "weights") return m.adapter ? `consolidated into ${m.adapter}` : `consolidated in cycle ${m.consolidated_in}`;
+  return "in memory only";
 }
 
 function card(m) {
@@ -84,15 +89,19 @@ function card(m) {
     when: when(m.created_at) + (m.merged ? ` · given ${m.merged + 1} times` : ""),
     score: m.score == null ? "" : `score ${m.score.toFixed(2)}`,
   });
-  slot(node, "state").dataset.state = m.retracted_at ? "retracted" : m.consolidated_in == null ? "memory" : "weights";
+  slot(node, "state").dataset.state = m.state;
+  // An untrusted user's correction stays in their own memory until an admin confirms it.
+  const waiting = !m.trusted && m.state === "memory";
+  slot(node, "trust").textContent = waiting ? "awaiting an admin's confirmation" : "";
   const note = slot(node, "note");
   const confirm = node.querySelector('[data-act="confirm"]');
-  // The API does not say which corrections are trusted, so admins may vouch for any user's.
-  confirm.hidden = !session.admin || m.shared || m.retracted_at || m.consolidated_in != null;
+  confirm.hidden = !session.admin || !waiting;
+  node.querySelector('[data-act="retract"]').hidden = m.state === "retracted";
   confirm.addEventListener("click", async () => {
     try {
       const confirmed = await api.post(`/v1/memories/${m.id}/confirm`);
       confirm.hidden = true;
+      slot(node, "trust").textContent = "";
       note.textContent = confirmed.trusted ? "Confirmed: the next consolidation may learn it." : "Confirmed.";
     } catch (e) {
       note.textContent = `Not confirmed: ${e.message}`;
@@ -104,8 +113,9 @@ function card(m) {
       + "consolidation takes it out of the weights.", "Retract");
     if (!yes) return;
     try {
-      await api.delete(`/v1/memories/${m.id}`);
-      node.remove();
+      const retracted = await api.delete(`/v1/memories/${m.id}`);
+      if ($("#memory-state").value === "live") node.remove();
+      else node.replaceWith(card(retracted));
       say($("#memory-status"), `Memory #${m.id} retracted: it is no longer used.`, "ok");
       empty();
       $("#memory-query").focus();
