@@ -61,9 +61,12 @@ class Reply:
 
 
 def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
-                scope: float | None = None, checkpointer=None, history: int = 40, cancelled: set[str] | None = None):
+                scope: float | None = None, same: float | None = None, checkpointer=None, history: int = 40,
+                cancelled: set[str] | None = None):
     """`scope`: when set, the adapter answers only questions at least this similar to a stored
-    correction (memory.ADAPTER_SCOPE); the base model answers the rest. `history`: a thread's
+    correction (memory.ADAPTER_SCOPE); the base model answers the rest. `same`: a correction is
+    shown, or puts the question in the adapter's scope, only when the memory's matcher finds it
+    at least this likely to be the question asked (memory.matcher; None: similarity alone). `history`: a thread's
     latest messages sent to the model, at most. `cancelled`: response ids whose client has gone: a
     streamed answer stops where it is and is recorded as it is."""
     cancelled = set() if cancelled is None else cancelled
@@ -78,7 +81,7 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
         # One search serves both: the hits above the relevance threshold are a prefix of those
         # above a lower scope.
         floor = min(threshold, scope) if scoped else threshold
-        hits = memory.search(question, user=state.get("user"), k=k, threshold=floor)
+        hits = memory.search(question, user=state.get("user"), k=k, threshold=floor, same_at=same)
         out = {
             "retrieval_ms": (time.perf_counter() - started) * 1000,
             "memories": [
@@ -163,11 +166,12 @@ class Agent:
     """Answers chats through the graph: stateless calls, or threads kept by the checkpointer."""
 
     def __init__(self, memory: Memory, model: ChatModel, *, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
-                 scope: float | None = None, checkpointer=None, history: int = 40, max_thread: int = 200):
+                 scope: float | None = None, same: float | None = None, checkpointer=None, history: int = 40,
+                 max_thread: int = 200):
         """`history`: a thread's latest messages sent to the model; `max_thread`: messages a thread
         may hold (ThreadFull beyond: start a new one, or delete it)."""
         self._cancelled: set[str] = set()
-        options = dict(k=k, threshold=threshold, scope=scope, history=history, cancelled=self._cancelled)
+        options = dict(k=k, threshold=threshold, scope=scope, same=same, history=history, cancelled=self._cancelled)
         self.stateless = build_graph(memory, model, **options)
         self.threaded = build_graph(memory, model, checkpointer=checkpointer, **options)
         self.checkpointer = checkpointer

@@ -4,7 +4,14 @@ would, and the run scored again. Exact for a repair that answers with the correc
 call), and for an answer changed by memories it does not give (agent.repair.steered), which the
 agent replaces by the model's answer shown no memory: on `ratchet-base`, the recorded base answer.
 
+With `--same`, each shown memory is first put to the same-question model (memory.matcher), as
+the agent does with RATCHET_SAME_QUESTION: an answer all of whose memories it rejects becomes the
+recorded base answer (exact on `ratchet-base`); one that keeps only some stays as recorded (counted
+as `partial`, not exact). The memories' questions are not recorded: each is the run's corrected
+question with that answer whose similarity to the asked one is nearest to the recorded score.
+
     python -m evals.repair_replay reports/memory-tier/before-short/results.json
+    python -m evals.repair_replay reports/zsre-report-n200-k50/results.json --same 0.3,0.5,0.7
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 from agent.protocol import Completion
 from agent.repair import REPAIR_SCORE, repaired, same_question_memory, steered
 from evals.zsre import score
+from memory.text import normalise
 
 
 def repair(text: str, shown: list[dict], question: str, threshold: float = REPAIR_SCORE, plain: str | None = None) -> str:
@@ -26,16 +34,44 @@ def repair(text: str, shown: list[dict], question: str, threshold: float = REPAI
     return plain if plain is not None and steered(Completion(text=text), shown, question) else text
 
 
-def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True) -> tuple[dict, dict]:
-    """The memory tier's scores as recorded and as repaired, and how many answers were repaired."""
+def _asked(a: dict) -> list[tuple[str, list[dict]]]:
+    shown = a["got"]["shown"]
+    return [(a["question"], shown["q"]), (a["paraphrase"], shown["p"]), *zip(a["neighbours"], shown["n"])]
+
+
+def match(results: dict, embedder, matcher) -> dict[tuple[str, str], float]:
+    """P(same question) of each asked question and each memory shown to it (memory.matcher)."""
+    rows = results["memory_tier_answers"]
+    questions = [a["question"] for a in rows]
+    vectors = embedder.embed(questions)
+    pairs: dict[tuple[str, str], float] = {}
+    for a in rows:
+        for asked, shown in _asked(a):
+            if not shown:
+                continue
+            v = embedder.embed([asked])[0]
+            for m in shown:
+                same = [i for i, r in enumerate(rows) if normalise(r["answer"]) == normalise(m["answer"])]
+                m["question"] = questions[min(same, key=lambda i: abs(float(vectors[i] @ v) - m["score"]))]
+            ps = matcher.probability(asked, [m["question"] for m in shown])
+            pairs.update({(asked, m["question"]): float(p) for m, p in zip(shown, ps)})
+    return pairs
+
+
+def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True,
+           same: tuple[dict, float] | None = None) -> tuple[dict, dict]:
+    """The memory tier's scores as recorded and as repaired, and how many answers were repaired.
+    `same`: (match(...), the probability a memory needs to be kept)."""
     rows = results["memory_tier_answers"]
     records = [{"answer": a["answer"], "neighbours": a["neighbours"]} for a in rows]
     base = [a["base"] for a in rows]
     before = [a["got"] for a in rows]
-    after, counts = [], {"q": 0, "p": 0, "n": 0}
+    after, counts = [], {"q": 0, "p": 0, "n": 0, "partial": 0}
     for a in rows:
         g, shown = a["got"], a["got"]["shown"]
         b = a["base"] if check else {"q": None, "p": None, "n": [None] * len(g["n"])}
+        if same is not None:
+            g, shown = _kept(a, *same, counts)
         new = {**g, "q": repair(g["q"], shown["q"], a["question"], threshold, b["q"]),
                "p": repair(g["p"], shown["p"], a["paraphrase"], threshold, b["p"]),
                "n": [repair(t, s, q, threshold, p) for t, s, q, p in zip(g["n"], shown["n"], a["neighbours"], b["n"])]}
@@ -46,16 +82,44 @@ def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True) -
     return {"before": score(records, before, base), "after": score(records, after, base)}, counts
 
 
+def _kept(a: dict, pairs: dict, at: float, counts: dict) -> tuple[dict, dict]:
+    """The recorded answers and memories of `a` once the matcher has had its say."""
+    answers = {"q": a["got"]["q"], "p": a["got"]["p"], "n": list(a["got"]["n"])}
+    kept = {"q": None, "p": None, "n": []}
+    for slot, (asked, shown) in zip(["q", "p", *range(len(a["neighbours"]))], _asked(a)):
+        keep = [m for m in shown if pairs[(asked, m["question"])] >= at]
+        if shown and not keep:  # no memory left: the base model's answer
+            base = a["base"][slot] if isinstance(slot, str) else a["base"]["n"][slot]
+            if isinstance(slot, str):
+                answers[slot] = base
+            else:
+                answers["n"][slot] = base
+        counts["partial"] += 0 < len(keep) < len(shown)
+        if isinstance(slot, str):
+            kept[slot] = keep
+        else:
+            kept["n"].append(keep)
+    return {**a["got"], **answers}, kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--thresholds", default=str(REPAIR_SCORE), help="comma-separated same-question scores")
     ap.add_argument("--no-check", action="store_true", help="repair only, as the agent did before agent.repair.steered")
+    ap.add_argument("--same", help="comma-separated probabilities the same-question model (memory.matcher) must give a shown memory")
     a = ap.parse_args()
     results = json.loads(a.results.read_text())
+    pairs = None
+    if a.same:
+        from memory.embed import Embedder
+        from memory.matcher import Matcher
+
+        pairs = match(results, Embedder(), Matcher())
     for t in (float(x) for x in a.thresholds.split(",")):
-        scores, counts = replay(results, t, check=not a.no_check)
-        print(json.dumps({"threshold": t, "check": not a.no_check, "changed": counts, **scores}))
+        for at in [float(x) for x in a.same.split(",")] if a.same else [None]:
+            scores, counts = replay(results, t, check=not a.no_check, same=None if at is None else (pairs, at))
+            print(json.dumps({"threshold": t, "check": not a.no_check, "same_question": at, "changed": counts, **scores}))
 
 
 if __name__ == "__main__":

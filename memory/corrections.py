@@ -64,15 +64,19 @@ class Correction:
 @dataclass(frozen=True)
 class Hit:
     correction: Correction
-    score: float
+    score: float  # cosine similarity of the query to the correction's question
+    same: float | None = None  # P(same question), when a matcher read them (memory.matcher)
 
 
 class Corrections:
     """The `memories` table and its FAISS indexes: add, retrieve, see, retract, and what
-    consolidation needs. `index` None: the database only (no retrieval)."""
+    consolidation needs. `index` None: the database only (no retrieval). `matcher`: a
+    memory.matcher.Matcher, which search may ask whether a hit is the same question."""
 
-    def __init__(self, db, embedder, index: ScopedIndex | None, on_write: Callable[[], None] = lambda: None):
+    def __init__(self, db, embedder, index: ScopedIndex | None, on_write: Callable[[], None] = lambda: None,
+                 matcher=None):
         self.db, self.embedder, self.index, self._on_write = db, embedder, index, on_write
+        self.matcher = matcher
 
     # -- adding ------------------------------------------------------------------------------
     def add(self, question: str, answer: str, user: str | None = LOCAL_USER, *, source: str = "direct",
@@ -116,10 +120,11 @@ class Corrections:
 
     # -- retrieval -----------------------------------------------------------------------
     def search(self, query: str, user: str | None, k: int = 3, threshold: float = RELEVANCE_THRESHOLD,
-               max_chars: int | None = MAX_PROMPT_CHARS) -> list[Hit]:
+               max_chars: int | None = MAX_PROMPT_CHARS, same_at: float | None = None) -> list[Hit]:
         """The corrections visible to `user` (theirs and the shared ones) nearest to `query`, best
         first, at or above `threshold`; at most `k`, and at most `max_chars` of text after the first.
-        Of several corrections of the same question the newest wins."""
+        Of several corrections of the same question the newest wins. `same_at`: with a matcher,
+        only corrections at least this likely to be the question asked (memory.matcher)."""
         if self.index is None or len(self.index) == 0 or k <= 0:
             return []
         vector = self.embedder.embed([query])[0]
@@ -142,15 +147,22 @@ class Corrections:
             else:
                 row["_vec"] = vec
                 groups.append((score, [row]))
-        hits: list[Hit] = []
-        used = 0
+        chosen = []  # (score, the newest of its question)
         for score, members in groups:
             same_key = self._newest_visible(members[0]["question_key"], user)
-            newest = max(members + ([same_key] if same_key else []), key=lambda r: (r["created_at"], r["id"]))
+            chosen.append((score, max(members + ([same_key] if same_key else []), key=lambda r: (r["created_at"], r["id"]))))
+        same = [None] * len(chosen)
+        if self.matcher is not None and same_at is not None and chosen:
+            same = [float(p) for p in self.matcher.probability(query, [r["question"] for _, r in chosen])]
+        hits: list[Hit] = []
+        used = 0
+        for (score, newest), p in zip(chosen, same):
+            if p is not None and p < same_at:
+                continue  # near in wording, another question (e.g. about the same subject)
             size = len(newest["question"]) + len(newest["answer"])
             if hits and max_chars is not None and used + size > max_chars:
                 continue
-            hits.append(Hit(_correction(newest), score))
+            hits.append(Hit(_correction(newest), score, None if p is None else round(p, 4)))
             used += size
             if len(hits) == k:
                 break

@@ -24,16 +24,19 @@ from memory.sync import IndexSync
 
 class Memory:
     def __init__(self, data_dir: str | Path, embedder: Embedder | None = None, *, open_index: bool = True,
-                 embedder_dir: str | Path | None = None, approx_from: int = APPROX_FROM, nprobe: int = NPROBE):
+                 embedder_dir: str | Path | None = None, approx_from: int = APPROX_FROM, nprobe: int = NPROBE,
+                 matcher=None):
         """`open_index=False` opens the database only (listing, retracting); the indexes are
         then reconciled by the next process that opens them. `embedder_dir`: where the default
-        embedder keeps its ONNX export."""
+        embedder keeps its ONNX export. `matcher`: memory.matcher.Matcher, for searches that ask
+        whether a hit is the same question (`same_at`)."""
         self.data_dir = Path(data_dir)
         self.db = open_db(self.data_dir / "ratchet.db")
         self.embedder = embedder or Embedder(cache_dir=embedder_dir)
         self.index = ScopedIndex(self.data_dir / "index", self.embedder.dim, approx_from=approx_from, nprobe=nprobe)
         self.sync = IndexSync(self.db, self.embedder, self.index)
-        self.corrections = Corrections(self.db, self.embedder, self.index if open_index else None, self.sync.wrote)
+        self.corrections = Corrections(self.db, self.embedder, self.index if open_index else None, self.sync.wrote,
+                                       matcher=matcher)
         self.interactions = Interactions(self.db)
         self.failures = Failures(self.db, self.interactions, self.corrections, self.embedder)
         if open_index:

@@ -24,6 +24,7 @@ from typing import Iterator
 from agent import Agent, Reply
 from agent.graph import new_response_id
 from memory import LOCAL_USER, Correction, Hit, Memory, UnknownResponse
+from memory.matcher import Matcher
 from serving.auth import ApiKey, ApiKeys, is_loopback
 from serving.engines import Engine, EngineError, make_engine
 from serving.metrics import Metrics
@@ -105,7 +106,9 @@ class Ratchet:
         manage keys or rebuild the index while no server runs."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.memory = Memory(settings.data_dir, open_index=not offline, embedder_dir=settings.embedder_dir)
+        matcher = Matcher() if settings.same_question and not offline else None
+        self.memory = Memory(settings.data_dir, open_index=not offline, embedder_dir=settings.embedder_dir,
+                             matcher=matcher)
         self.registry = AdapterRegistry(self.memory.db, settings.data_dir / "adapters")
         self.keys = ApiKeys(self.memory.db)
         self.reports = LearningReports(settings.reports_dir)
@@ -160,7 +163,8 @@ class Ratchet:
         checkpointer = SqliteSaver(self._threads_db)
         checkpointer.setup()
         self.agent = Agent(self.memory, self.engine, k=settings.memory_k, threshold=settings.memory_threshold,
-                           scope=settings.adapter_scope or None, checkpointer=checkpointer,
+                           scope=settings.adapter_scope or None, same=settings.same_question or None,
+                           checkpointer=checkpointer,
                            history=settings.limits.history_messages, max_thread=settings.limits.thread_messages)
         self.cycles = Cycles(self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir,
                              on_promote=self.runtime.switch, admits=self.trusted)

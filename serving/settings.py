@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memory import ADAPTER_SCOPE, LOCAL_USER, RELEVANCE_THRESHOLD
+from memory.matcher import SAME_QUESTION_PROBABILITY
 from serving.engines.vllm import VLLMOptions
 from trainer.anchors import BUILT_IN_ANCHORS, load_prompts
 from trainer.base_model import EMBEDDED
@@ -60,6 +61,10 @@ class Settings:
     # The active adapter answers questions this similar to a stored correction, the base model the
     # rest (agent.graph.build_graph); 0: the adapter answers everything (RATCHET_ADAPTER_SCOPE=off).
     adapter_scope: float = ADAPTER_SCOPE
+    # A correction is shown, or puts a question in the adapter's scope, only when the same-question
+    # model (memory.matcher) finds it at least this likely to be the question asked; 0: cosine
+    # similarity alone, no model loaded (RATCHET_SAME_QUESTION=off).
+    same_question: float = SAME_QUESTION_PROBABILITY
     max_tokens: int = 256  # default completion length
     # The active adapter also served merged into the weights by a second, plain vLLM (a blue/green
     # pair with the LoRA engine): see serving/engines/lanes.py and reports/serving.md.
@@ -88,6 +93,7 @@ class Settings:
             (self.memory_k < 0, "memory_k (corrections in a prompt) cannot be negative"),
             (not -1 <= self.memory_threshold <= 1, "memory_threshold is a cosine similarity, between -1 and 1"),
             (not 0 <= self.adapter_scope <= 1, "adapter_scope is a cosine similarity between 0 and 1 (0: no scope)"),
+            (not 0 <= self.same_question <= 1, "same_question is a probability between 0 and 1 (0: cosine similarity alone)"),
             (self.max_tokens < 1, "max_tokens must be at least 1"),
             (self.monitor_interval < 0, "monitor_interval cannot be negative (0: no monitor)"),
         ]
@@ -107,6 +113,7 @@ class Settings:
             "port": _int(os.environ.get("RATCHET_PORT")),
             "memory_threshold": _float(os.environ.get("RATCHET_MEMORY_THRESHOLD")),
             "adapter_scope": _scope(os.environ.get("RATCHET_ADAPTER_SCOPE")),
+            "same_question": _scope(os.environ.get("RATCHET_SAME_QUESTION")),
             "trusted_users": _names(os.environ.get("RATCHET_TRUSTED_USERS")),
             "merged_lane": _bool(os.environ.get("RATCHET_MERGED_LANE")),
             "reports_dir": os.environ.get("RATCHET_REPORTS_DIR"),

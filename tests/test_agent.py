@@ -118,3 +118,42 @@ def test_training_shows_memories_exactly_as_the_agent_serves_them(memory, echo_m
     served = json.loads(memory.interactions.get(reply.response_id)["messages"])
     shown = tuple((m["question"], m["answer"]) for m in reversed(reply.memories))  # in the order they appear
     assert reply.memories and served == messages_of(Q, shown)
+
+
+class UniversityMatcher:
+    """A stand-in for memory.matcher.Matcher: two questions are the same when both ask about a university."""
+
+    def probability(self, query, questions):
+        import numpy as np
+
+        return np.array([0.9 if "universit" in query.lower() and "universit" in q.lower() else 0.1 for q in questions])
+
+
+def test_with_a_matcher_a_neighbour_question_sees_no_memory_and_stays_out_of_the_adapters_scope(memory, echo_model):
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    echo_model.taught["ratchet-v3"] = "Illinois Institute of Technology"
+    neighbour = [{"role": "user", "content": "Who is Watts Humphrey?"}]
+    loose = Agent(memory, echo_model, threshold=0.5, scope=0.5)
+    assert loose.chat(neighbour, user="ann", adapter="ratchet-v3").memories  # similar enough without a matcher
+    memory.corrections.matcher = UniversityMatcher()
+    agent = Agent(memory, echo_model, threshold=0.5, scope=0.5, same=0.5)
+    reply = agent.chat(neighbour, user="ann", adapter="ratchet-v3")
+    assert reply.memories == [] and reply.adapter is None and echo_model.calls[-1]["adapter"] is None
+    paraphrase = agent.chat([{"role": "user", "content": "Which university did Watts Humphrey go to?"}], user="ann",
+                            adapter="ratchet-v3")
+    assert paraphrase.adapter == "ratchet-v3" and echo_model.calls[-1]["adapter"] == "ratchet-v3"
+    assert [m["answer"] for m in paraphrase.memories] == ["Illinois Institute of Technology"]
+    assert loose.chat(neighbour, user="ann", adapter="ratchet-v3").memories  # no `same`: the matcher is not asked
+
+
+def test_the_same_question_probability_is_a_setting(tmp_path, monkeypatch):
+    from memory.matcher import SAME_QUESTION_PROBABILITY
+    from serving.settings import Settings
+
+    assert Settings.load(data_dir=tmp_path).same_question == SAME_QUESTION_PROBABILITY
+    monkeypatch.setenv("RATCHET_SAME_QUESTION", "0.8")
+    assert Settings.load(data_dir=tmp_path).same_question == 0.8
+    monkeypatch.setenv("RATCHET_SAME_QUESTION", "off")
+    assert Settings.load(data_dir=tmp_path).same_question == 0.0  # cosine similarity alone
+    with pytest.raises(ValueError, match="same_question"):
+        Settings(data_dir=tmp_path, same_question=1.5)

@@ -326,3 +326,23 @@ def test_the_shared_connection_takes_concurrent_queries_and_writes(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and db["t"].count == 200
+
+
+def test_search_keeps_only_hits_the_matcher_takes_for_the_same_question(memory):
+    import numpy as np
+
+    class Matcher:
+        def probability(self, query, questions):
+            self.asked = (query, list(questions))
+            return np.array([0.9 if "attend" in q else 0.2 for q in questions])
+
+    memory.add_correction("What university did Watts Humphrey attend?", "IIT", user="ann")
+    memory.add_correction("Where was Watts Humphrey born?", "Battle Creek", user="ann")
+    query = "Which university did Watts Humphrey attend?"
+    everything = memory.search(query, "ann", threshold=0.3)
+    assert len(everything) == 2 and all(h.same is None for h in everything)
+    memory.corrections.matcher = Matcher()
+    assert len(memory.search(query, "ann", threshold=0.3)) == 2  # no same_at: the matcher is not asked
+    hits = memory.search(query, "ann", threshold=0.3, same_at=0.5)
+    assert [h.correction.answer for h in hits] == ["IIT"] and hits[0].same == 0.9
+    assert memory.corrections.matcher.asked[0] == query

@@ -73,7 +73,7 @@ def test_the_repair_replayed_on_a_recorded_run_fixes_ignored_memories_only():
                    "shown": {"q": same, "p": [{"score": 0.9, "answer": "Tours"}], "l": [], "n": [[]]}}}
     scores, counts = replay({"memory_tier_answers": [row]})
     assert scores["before"]["reliability"] == 0.0 and scores["after"]["reliability"] == 1.0
-    assert counts == {"q": 1, "p": 0, "n": 0}  # the paraphrase gave it already; the neighbour saw no memory
+    assert counts == {"q": 1, "p": 0, "n": 0, "partial": 0}  # the paraphrase gave it already; the neighbour saw no memory
     assert scores["after"]["neighbour_locality_strict"] == 1.0
 
 
@@ -87,8 +87,28 @@ def test_the_replay_serves_the_answer_shown_no_memory_where_a_memory_changed_it_
            "got": {"q": "Tours", "p": "Lyon", "l": "x", "n": ["A French actor.", "From Tours."],
                    "shown": {"q": [], "p": near, "l": [], "n": [near, near]}}}
     scores, counts = replay({"memory_tier_answers": [row]})
-    assert counts == {"q": 0, "p": 1, "n": 1}  # the paraphrase and the first neighbour: back to the base's
+    assert counts == {"q": 0, "p": 1, "n": 1, "partial": 0}  # the paraphrase and the first neighbour: back to the base's
     assert scores["before"]["neighbour_locality_strict"] == 0.0
     assert scores["after"]["neighbour_locality_strict"] == 0.5 and scores["after"]["neighbour_bleed"] == 0.5
     _, unchecked = replay({"memory_tier_answers": [row]}, check=False)
-    assert unchecked == {"q": 0, "p": 0, "n": 0}
+    assert unchecked == {"q": 0, "p": 0, "n": 0, "partial": 0}
+
+
+def test_the_replay_with_a_matcher_gives_a_neighbour_whose_memory_it_rejects_the_base_answer():
+    from evals.repair_replay import replay
+
+    memory = {"score": 0.9, "answer": "Tours", "question": "Where was Narcy born?"}
+    row = {"answer": "Tours", "question": "Where was Narcy born?", "paraphrase": "Narcy's birthplace?",
+           "neighbours": ["Where is Narcy from?"],
+           "base": {"q": "Paris", "p": "Paris", "l": "x", "n": ["France."]},
+           "got": {"q": "Tours", "p": "Tours", "l": "x", "n": ["From Tours."],
+                   "shown": {"q": [memory], "p": [memory], "l": [], "n": [[memory]]}}}
+    pairs = {("Where was Narcy born?", memory["question"]): 0.99, ("Narcy's birthplace?", memory["question"]): 0.8,
+             ("Where is Narcy from?", memory["question"]): 0.3}
+    scores, _ = replay({"memory_tier_answers": [row]})
+    assert scores["after"]["neighbour_bleed"] == 1.0  # the memory took over the neighbour
+    scores, counts = replay({"memory_tier_answers": [row]}, same=(pairs, 0.5))
+    assert scores["after"]["neighbour_bleed"] == 0.0 and scores["after"]["neighbour_locality_strict"] == 1.0
+    assert scores["after"]["generalisation"] == 1.0  # the paraphrase keeps its memory
+    scores, _ = replay({"memory_tier_answers": [row]}, same=(pairs, 0.9))
+    assert scores["after"]["generalisation"] == 0.0  # rejected too: the base model's answer
