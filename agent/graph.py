@@ -66,9 +66,9 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
     """`scope`: when set, the adapter answers only questions at least this similar to a stored
     correction (memory.ADAPTER_SCOPE); the base model answers the rest. `same`: a correction is
     shown, or puts the question in the adapter's scope, only when the memory's matcher finds it
-    at least this likely to be the question asked (memory.matcher; None: similarity alone). `history`: a thread's
-    latest messages sent to the model, at most. `cancelled`: response ids whose client has gone: a
-    streamed answer stops where it is and is recorded as it is."""
+    at least this likely to be the question asked (memory.matcher; None: similarity alone).
+    `history`: a thread's latest messages sent to the model, at most. `cancelled`: response ids
+    whose client has gone: a streamed answer stops where it is and is recorded as it is."""
     cancelled = set() if cancelled is None else cancelled
 
     def retrieve(state: ChatState) -> dict:

@@ -44,6 +44,9 @@ def match(results: dict, embedder, matcher) -> dict[tuple[str, str], float]:
     rows = results["memory_tier_answers"]
     questions = [a["question"] for a in rows]
     vectors = embedder.embed(questions)
+    by_answer: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_answer.setdefault(normalise(r["answer"]), []).append(i)
     pairs: dict[tuple[str, str], float] = {}
     for a in rows:
         for asked, shown in _asked(a):
@@ -51,7 +54,7 @@ def match(results: dict, embedder, matcher) -> dict[tuple[str, str], float]:
                 continue
             v = embedder.embed([asked])[0]
             for m in shown:
-                same = [i for i, r in enumerate(rows) if normalise(r["answer"]) == normalise(m["answer"])]
+                same = by_answer[normalise(m["answer"])]
                 m["question"] = questions[min(same, key=lambda i: abs(float(vectors[i] @ v) - m["score"]))]
             ps = matcher.probability(asked, [m["question"] for m in shown])
             pairs.update({(asked, m["question"]): float(p) for m, p in zip(shown, ps)})
@@ -83,23 +86,17 @@ def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True,
 
 
 def _kept(a: dict, pairs: dict, at: float, counts: dict) -> tuple[dict, dict]:
-    """The recorded answers and memories of `a` once the matcher has had its say."""
-    answers = {"q": a["got"]["q"], "p": a["got"]["p"], "n": list(a["got"]["n"])}
-    kept = {"q": None, "p": None, "n": []}
-    for slot, (asked, shown) in zip(["q", "p", *range(len(a["neighbours"]))], _asked(a)):
+    """The recorded answers and memories of `a` once the matcher has had its say: an answer whose
+    memories it all rejects becomes the base model's."""
+    got, base = a["got"], a["base"]
+    texts, memories = [], []
+    for (asked, shown), text, plain in zip(_asked(a), [got["q"], got["p"], *got["n"]], [base["q"], base["p"], *base["n"]]):
         keep = [m for m in shown if pairs[(asked, m["question"])] >= at]
-        if shown and not keep:  # no memory left: the base model's answer
-            base = a["base"][slot] if isinstance(slot, str) else a["base"]["n"][slot]
-            if isinstance(slot, str):
-                answers[slot] = base
-            else:
-                answers["n"][slot] = base
         counts["partial"] += 0 < len(keep) < len(shown)
-        if isinstance(slot, str):
-            kept[slot] = keep
-        else:
-            kept["n"].append(keep)
-    return {**a["got"], **answers}, kept
+        texts.append(plain if shown and not keep else text)
+        memories.append(keep)
+    return ({**got, "q": texts[0], "p": texts[1], "n": texts[2:]},
+            {"q": memories[0], "p": memories[1], "n": memories[2:]})
 
 
 def main() -> None:

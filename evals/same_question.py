@@ -77,6 +77,13 @@ def _template(question: str, subject: str) -> str:
     return question.replace(subject, "{s}")
 
 
+def _nearest_other_fact(rows: list[dict], similarity: np.ndarray, i: int, top: int) -> int | None:
+    """Among the `top` rows most similar to row `i` (`similarity[i]`), the first of another subject
+    and another answer."""
+    return next((int(j) for j in np.argsort(-similarity[i])[:top] if rows[j]["subject"] != rows[i]["subject"]
+                 and normalise(rows[j]["answer"]) != normalise(rows[i]["answer"])), None)
+
+
 def training_pairs(rows: list[dict], embedder, seed: int = 0, swaps: int = 12) -> list[tuple[str, str, int]]:
     """(question, question, same?) pairs from zsRE-style records: a question and its paraphrase
     (same); the subject's ANCHOR_TEMPLATES questions (not the measured NEIGHBOUR_TEMPLATES) and its
@@ -119,10 +126,9 @@ def training_pairs(rows: list[dict], embedder, seed: int = 0, swaps: int = 12) -
     q = embedder.embed([r["question"] for r in rows])
     sim = embedder.embed([r["paraphrase"] for r in rows]) @ q.T
     for i, r in enumerate(rows):
-        for j in np.argsort(-sim[i])[:5]:
-            if rows[j]["subject"] != r["subject"] and normalise(rows[j]["answer"]) != normalise(r["answer"]):
-                pairs.append((r["paraphrase"], rows[j]["question"], 0))
-                break
+        j = _nearest_other_fact(rows, sim, i, top=5)
+        if j is not None:
+            pairs.append((r["paraphrase"], rows[j]["question"], 0))
     return pairs
 
 
@@ -177,8 +183,7 @@ def matcher_table(rows: list[dict], embedder, matcher) -> list[dict]:
                            for r in rows])
     other = []
     for i, r in enumerate(rows):
-        j = next((j for j in np.argsort(-sim[i])[:8] if rows[j]["subject"] != r["subject"]
-                  and normalise(rows[j]["answer"]) != normalise(r["answer"])), None)
+        j = _nearest_other_fact(rows, sim, i, top=8)
         if j is not None:
             other.append(matcher.probability(rows[j]["question"], [r["paraphrase"]])[0])
     other = np.array(other)

@@ -37,7 +37,7 @@ def main() -> None:
     rows = results["memory_tier_answers"]
     records = [{"question": r["question"], "paraphrase": r["paraphrase"], "answer": r["answer"],
                 "neighbours": r["neighbours"], "locality_question": None} for r in rows]
-    base = [{k: v for k, v in r["base"].items() if k != "l"} for r in rows]
+    base = [r["base"] for r in rows]  # its unrelated answer ("l") goes unscored: not asked again
     env = dict(e.split("=", 1) for e in a.env)
     out = {"run": str(a.run), "env": env, "recorded": {k: results["summary"].get(k) for k in CONFIGURATIONS}, "now": {}}
     with tempfile.TemporaryDirectory(dir=a.data.parent) as scratch:

@@ -147,18 +147,16 @@ class Corrections:
             else:
                 row["_vec"] = vec
                 groups.append((score, [row]))
-        chosen = []  # (score, the newest of its question)
-        for score, members in groups:
-            same_key = self._newest_visible(members[0]["question_key"], user)
-            chosen.append((score, max(members + ([same_key] if same_key else []), key=lambda r: (r["created_at"], r["id"]))))
-        same = [None] * len(chosen)
-        if self.matcher is not None and same_at is not None and chosen:
-            same = [float(p) for p in self.matcher.probability(query, [r["question"] for _, r in chosen])]
+        # (score, the newest correction of its question, P(same question) or None), found as needed
+        chosen = ((score, self._newest_of(members, user), None) for score, members in groups)
+        if self.matcher is not None and same_at is not None:
+            chosen = list(chosen)  # the matcher reads all candidates in one batch
+            same = self.matcher.probability(query, [r["question"] for _, r, _ in chosen])
+            # near in wording but another question (e.g. about the same subject): left out
+            chosen = [(score, r, float(p)) for (score, r, _), p in zip(chosen, same) if p >= same_at]
         hits: list[Hit] = []
         used = 0
-        for (score, newest), p in zip(chosen, same):
-            if p is not None and p < same_at:
-                continue  # near in wording, another question (e.g. about the same subject)
+        for score, newest, p in chosen:
             size = len(newest["question"]) + len(newest["answer"])
             if hits and max_chars is not None and used + size > max_chars:
                 continue
@@ -167,6 +165,11 @@ class Corrections:
             if len(hits) == k:
                 break
         return hits
+
+    def _newest_of(self, members: list[dict], user: str | None) -> dict:
+        """Of a group of hits on one question, the newest visible correction of that question."""
+        same_key = self._newest_visible(members[0]["question_key"], user)
+        return max(members + ([same_key] if same_key else []), key=lambda r: (r["created_at"], r["id"]))
 
     def _newest_visible(self, key: str, user: str | None) -> dict | None:
         rows = list(self.db.query(
