@@ -21,6 +21,7 @@ from agent.protocol import ChatModel, Completion
 from agent.repair import repaired, same_question_memory, steered
 from memory import Memory
 from memory import RELEVANCE_THRESHOLD
+from memory.matcher import CANDIDATE_SIMILARITY
 from memory.text import with_memories
 
 log = logging.getLogger("ratchet.agent")
@@ -66,7 +67,8 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
     """`scope`: when set, the adapter answers only questions at least this similar to a stored
     correction (memory.ADAPTER_SCOPE); the base model answers the rest. `same`: a correction is
     shown, or puts the question in the adapter's scope, only when the memory's matcher finds it
-    at least this likely to be the question asked (memory.matcher; None: similarity alone).
+    at least this likely to be the question asked, and then already from a similarity of
+    memory.matcher.CANDIDATE_SIMILARITY (None: similarity alone, from `threshold`).
     `history`: a thread's latest messages sent to the model, at most. `cancelled`: response ids
     whose client has gone: a streamed answer stops where it is and is recorded as it is."""
     cancelled = set() if cancelled is None else cancelled
@@ -79,15 +81,15 @@ def build_graph(memory: Memory, model: ChatModel, *, k: int = 3, threshold: floa
             return {"memories": [], "in_play": [], "retrieval_ms": 0.0}
         started = time.perf_counter()
         # One search serves both: the hits above the relevance threshold are a prefix of those
-        # above a lower scope.
-        floor = min(threshold, scope) if scoped else threshold
+        # above a lower scope. With a matcher, it decides which candidates are the question.
+        floor = min([threshold] + ([scope] if scoped else []) + ([CANDIDATE_SIMILARITY] if same else []))
         hits = memory.search(question, user=state.get("user"), k=k, threshold=floor, same_at=same)
         out = {
             "retrieval_ms": (time.perf_counter() - started) * 1000,
             "memories": [
                 {"id": h.correction.id, "question": h.correction.question, "answer": h.correction.answer,
-                 "score": round(h.score, 4)}
-                for h in hits if use_memory and h.score >= threshold
+                 "score": round(h.score, 4), **({} if h.same is None else {"same": h.same})}
+                for h in hits if use_memory and (h.score >= threshold or h.same is not None)
             ]
         }
         in_scope = [{"id": h.correction.id, "answer": h.correction.answer} for h in hits if scoped and h.score >= scope]

@@ -3,11 +3,12 @@ by the correction, and an answer a correction changed without giving it is not s
 
 The small model often answers something else although the memory of the question was in its
 prompt (reports/memory-tier/report.md: most memory-tier misses were such, not retrieval misses).
-When a retrieved memory is confidently the same question (its similarity at least REPAIR_SCORE)
-and the answer does not give the memory's answer (memory.text.gives), the agent answers with
-the correction's answer span instead. Below REPAIR_SCORE the memory stays a hint the model may
-follow or not: there it is as likely another question about the same subject, whose answer the
-correction must not take over (bleed).
+When a retrieved memory is confidently the same question (the same-question model's probability
+at least REPAIR_PROBABILITY; without the model, its similarity at least REPAIR_SCORE) and the
+answer does not give the memory's answer (memory.text.gives), the agent answers with the
+correction's answer span instead. Below that the memory stays a hint the model may follow or not:
+there it may be another question about the same subject, whose answer the correction must not
+take over (bleed).
 
 A retrieved memory or an adapter in scope changes answers it has no business changing: shown
 "Tours" for a question about someone's birthplace, the model rewrites its answer to "Who is X?"
@@ -26,12 +27,19 @@ from memory.text import SAME_QUESTION_SCORE, answer_of, gives
 # question: the one the memory uses (memory.text.SAME_QUESTION_SCORE); few neighbour questions
 # reach it (reports/memory-tier/same_question.md).
 REPAIR_SCORE = SAME_QUESTION_SCORE
+# P(same question) (memory.matcher) at which a memory is the question asked: the lowest of the
+# model's report rows letting through at most 1% (the bleed target) of neighbour questions on
+# zsRE dev records 1-2000, where 0.94 of paraphrases reach it (reports/memory-tier/matcher.md).
+REPAIR_PROBABILITY = 0.98
 
 
-def same_question_memory(memories: list[dict], score: float = REPAIR_SCORE) -> dict | None:
-    """The best retrieved memory, when it is confidently the question asked."""
-    best = max(memories, key=lambda m: m.get("score", 0.0), default=None)
-    return best if best is not None and best.get("score", 0.0) >= score else None
+def same_question_memory(memories: list[dict], score: float = REPAIR_SCORE,
+                         probability: float = REPAIR_PROBABILITY) -> dict | None:
+    """The best retrieved memory, when it is confidently the question asked: by the matcher's
+    probability when it read the memory ("same"), else by similarity."""
+    sure = [m for m in memories if (m["same"] >= probability if m.get("same") is not None
+                                    else m.get("score", 0.0) >= score)]
+    return max(sure, key=lambda m: m.get("score", 0.0), default=None)
 
 
 def repaired(completion: Completion, memory: dict | None, question: str) -> Completion | None:

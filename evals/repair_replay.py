@@ -21,14 +21,15 @@ import json
 from pathlib import Path
 
 from agent.protocol import Completion
-from agent.repair import REPAIR_SCORE, repaired, same_question_memory, steered
+from agent.repair import REPAIR_PROBABILITY, REPAIR_SCORE, repaired, same_question_memory, steered
 from evals.zsre import score
 from memory.text import normalise
 
 
-def repair(text: str, shown: list[dict], question: str, threshold: float = REPAIR_SCORE, plain: str | None = None) -> str:
+def repair(text: str, shown: list[dict], question: str, threshold: float = REPAIR_SCORE, plain: str | None = None,
+           probability: float = REPAIR_PROBABILITY) -> str:
     """The answer the agent gives instead of `text`; `plain`: the answer shown no memory (None: not checked)."""
-    fixed = repaired(Completion(text=text), same_question_memory(shown, threshold), question)
+    fixed = repaired(Completion(text=text), same_question_memory(shown, threshold, probability), question)
     if fixed is not None:
         return fixed.text
     return plain if plain is not None and steered(Completion(text=text), shown, question) else text
@@ -62,9 +63,10 @@ def match(results: dict, embedder, matcher) -> dict[tuple[str, str], float]:
 
 
 def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True,
-           same: tuple[dict, float] | None = None) -> tuple[dict, dict]:
+           same: tuple[dict, float] | None = None, probability: float = REPAIR_PROBABILITY) -> tuple[dict, dict]:
     """The memory tier's scores as recorded and as repaired, and how many answers were repaired.
-    `same`: (match(...), the probability a memory needs to be kept)."""
+    `same`: (match(...), the probability a memory needs to be kept); `probability`: that a kept
+    memory needs to repair an answer."""
     rows = results["memory_tier_answers"]
     records = [{"answer": a["answer"], "neighbours": a["neighbours"]} for a in rows]
     base = [a["base"] for a in rows]
@@ -75,9 +77,10 @@ def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True,
         b = a["base"] if check else {"q": None, "p": None, "n": [None] * len(g["n"])}
         if same is not None:
             g, shown = _kept(a, *same, counts)
-        new = {**g, "q": repair(g["q"], shown["q"], a["question"], threshold, b["q"]),
-               "p": repair(g["p"], shown["p"], a["paraphrase"], threshold, b["p"]),
-               "n": [repair(t, s, q, threshold, p) for t, s, q, p in zip(g["n"], shown["n"], a["neighbours"], b["n"])]}
+        new = {**g, "q": repair(g["q"], shown["q"], a["question"], threshold, b["q"], probability),
+               "p": repair(g["p"], shown["p"], a["paraphrase"], threshold, b["p"], probability),
+               "n": [repair(t, s, q, threshold, p, probability)
+                     for t, s, q, p in zip(g["n"], shown["n"], a["neighbours"], b["n"])]}
         counts["q"] += new["q"] != g["q"]
         counts["p"] += new["p"] != g["p"]
         counts["n"] += sum(x != y for x, y in zip(new["n"], g["n"]))
@@ -91,7 +94,7 @@ def _kept(a: dict, pairs: dict, at: float, counts: dict) -> tuple[dict, dict]:
     got, base = a["got"], a["base"]
     texts, memories = [], []
     for (asked, shown), text, plain in zip(_asked(a), [got["q"], got["p"], *got["n"]], [base["q"], base["p"], *base["n"]]):
-        keep = [m for m in shown if pairs[(asked, m["question"])] >= at]
+        keep = [{**m, "same": pairs[(asked, m["question"])]} for m in shown if pairs[(asked, m["question"])] >= at]
         counts["partial"] += 0 < len(keep) < len(shown)
         texts.append(plain if shown and not keep else text)
         memories.append(keep)
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--thresholds", default=str(REPAIR_SCORE), help="comma-separated same-question scores")
     ap.add_argument("--no-check", action="store_true", help="repair only, as the agent did before agent.repair.steered")
     ap.add_argument("--same", help="comma-separated probabilities the same-question model (memory.matcher) must give a shown memory")
+    ap.add_argument("--repair-at", default=str(REPAIR_PROBABILITY),
+                    help="comma-separated probabilities from which a kept memory repairs an answer (with --same)")
     a = ap.parse_args()
     results = json.loads(a.results.read_text())
     pairs = None
@@ -115,8 +120,11 @@ def main() -> None:
         pairs = match(results, Embedder(), Matcher())
     for t in (float(x) for x in a.thresholds.split(",")):
         for at in [float(x) for x in a.same.split(",")] if a.same else [None]:
-            scores, counts = replay(results, t, check=not a.no_check, same=None if at is None else (pairs, at))
-            print(json.dumps({"threshold": t, "check": not a.no_check, "same_question": at, "changed": counts, **scores}))
+            for fix in [float(x) for x in a.repair_at.split(",")] if a.same else [REPAIR_PROBABILITY]:
+                scores, counts = replay(results, t, check=not a.no_check, same=None if at is None else (pairs, at),
+                                        probability=fix)
+                print(json.dumps({"threshold": t, "check": not a.no_check, "same_question": at,
+                                  "repair_at": fix if a.same else None, "changed": counts, **scores}))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,18 @@ def test_with_a_matcher_a_neighbour_question_sees_no_memory_and_stays_out_of_the
     assert loose.chat(neighbour, user="ann", adapter="ratchet-v3").memories  # no `same`: the matcher is not asked
 
 
+def test_with_a_matcher_a_paraphrase_below_the_similarity_threshold_sees_its_memory(memory, echo_model):
+    from memory.matcher import CANDIDATE_SIMILARITY
+
+    memory.add_correction(Q, "Illinois Institute of Technology", user="ann")
+    paraphrase = [{"role": "user", "content": "Which university did Watts Humphrey go to?"}]
+    assert Agent(memory, echo_model, threshold=0.99).chat(paraphrase, user="ann").memories == []
+    memory.corrections.matcher = UniversityMatcher()
+    shown = Agent(memory, echo_model, threshold=0.99, same=0.5).chat(paraphrase, user="ann").memories
+    assert [m["answer"] for m in shown] == ["Illinois Institute of Technology"]
+    assert shown[0]["same"] == 0.9 and CANDIDATE_SIMILARITY <= shown[0]["score"] < 0.99
+
+
 def test_the_same_question_probability_is_a_setting(tmp_path, monkeypatch):
     from memory.matcher import SAME_QUESTION_PROBABILITY
     from serving.settings import Settings

@@ -3,7 +3,7 @@ question asked is replaced by the correction, streamed or not, and recorded as s
 
 from agent import Agent
 from agent.protocol import Completion
-from agent.repair import REPAIR_SCORE, repaired, same_question_memory
+from agent.repair import REPAIR_PROBABILITY, REPAIR_SCORE, repaired, same_question_memory
 
 Q = "What university did Watts Humphrey attend?"
 
@@ -36,6 +36,14 @@ def test_only_a_confident_same_question_memory_repairs_and_only_an_answer_that_i
     assert fixed.text == "the Illinois Institute of Technology" and fixed.prompt_tokens == 9
     assert repaired(Completion(text="Illinois Institute of Technology, in Chicago."), memory, Q) is None
     assert repaired(wrong, None, Q) is None
+
+
+def test_a_memory_the_matcher_read_repairs_by_its_probability_not_its_similarity():
+    memory = {"id": 1, "question": Q, "answer": "Illinois Institute of Technology", "score": 0.8,
+              "same": REPAIR_PROBABILITY}
+    assert same_question_memory([memory]) is memory  # far in wording, surely the same question
+    assert same_question_memory([{**memory, "score": 0.99, "same": REPAIR_PROBABILITY - 0.1}]) is None
+    assert same_question_memory([{**memory, "same": 0.5}, {**memory, "id": 2, "score": 0.7}])["id"] == 2
 
 
 def test_the_agent_answers_with_the_correction_it_ignored_streamed_or_not(memory):
