@@ -191,23 +191,37 @@ def matcher_table(rows: list[dict], embedder, matcher) -> list[dict]:
              "other_fact": float((other >= t).mean())} for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98, 0.99)]
 
 
-def write_matcher(tables: dict[str, list[dict]], output: Path, seconds: float) -> None:
+def candidate_table(rows: list[dict], embedder) -> list[dict]:
+    """Per cosine similarity, the share of paraphrases that reach their question's: the floor
+    below which the same-question model never reads a correction (memory.matcher.CANDIDATE_SIMILARITY)."""
+    own = np.einsum("ij,ij->i", embedder.embed([r["paraphrase"] for r in rows]), embedder.embed([r["question"] for r in rows]))
+    return [{"similarity": t, "paraphrase": float((own >= t).mean())} for t in (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.875)]
+
+
+def write_matcher(tables: dict[str, list[dict]], candidates: list[dict], output: Path, seconds: float) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    (output / "matcher.json").write_text(json.dumps(tables, indent=1))
-    from memory.matcher import SAME_QUESTION_PROBABILITY
+    (output / "matcher.json").write_text(json.dumps({**tables, "candidates": candidates}, indent=1))
+    from agent.repair import REPAIR_PROBABILITY
+    from memory.matcher import CANDIDATE_SIMILARITY, SAME_QUESTION_PROBABILITY
 
     lines = ["# Same-question model (memory.matcher)", "",
              "MiniLM-L6 cross-encoder (LoRA r=16 + a one-unit head), one epoch on pairs from zsRE dev records "
              "1-2000 (evals.same_question.training_pairs; neighbours there: ANCHOR_TEMPLATES and the dev file's "
              "other relations, never NEIGHBOUR_TEMPLATES). Shares of pairs the model calls the same question at "
-             f"each probability; in use: {SAME_QUESTION_PROBABILITY}. Measured in {seconds:.0f} s.", ""]
+             f"each probability; in use: {SAME_QUESTION_PROBABILITY} to show a memory, {REPAIR_PROBABILITY} to "
+             "repair an answer with it (agent.repair: the lowest row with at most 1% of neighbours on records "
+             f"1-2000; there the pairs were trained on, the neighbours never). Measured in {seconds:.0f} s.", ""]
     for name, table in tables.items():
         lines += [f"## {name}", "", "| P(same) at least | paraphrase → its question | neighbour → it | nearest other fact → it |",
                   "|---|---|---|---|"]
         lines += [f"| {r['threshold']} | {r['paraphrase']:.3f} | {r['neighbour']:.4f} | {r['other_fact']:.4f} |"
                   for r in table]
         lines.append("")
-    (output / "matcher.md").write_text("\n".join(lines))
+    lines += ["## The similarity from which the model reads a correction, records 1-2000", "",
+              f"In use: {CANDIDATE_SIMILARITY} (memory.matcher.CANDIDATE_SIMILARITY).", "",
+              "| cosine at least | paraphrase reaches its question |", "|---|---|"]
+    lines += [f"| {r['similarity']} | {r['paraphrase']:.3f} |" for r in candidates]
+    (output / "matcher.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -231,8 +245,9 @@ def main() -> None:
         train(rows[start:end], embedder, MATCHER_DIR)
     started, matcher = time.perf_counter(), Matcher()
     report_start, report_end = SPLITS["report"]
-    tables = {f"report split, records {report_start + 1}-{report_end}": matcher_table(rows[report_start:report_end], embedder, matcher)}
-    write_matcher(tables, a.output, time.perf_counter() - started)
+    tables = {f"report split, records {report_start + 1}-{report_end}": matcher_table(rows[report_start:report_end], embedder, matcher),
+              f"tune split, records {start + 1}-{end} (trained on)": matcher_table(rows[start:end], embedder, matcher)}
+    write_matcher(tables, candidate_table(rows[start:end], embedder), a.output, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     assert (out / "accuracy_per_cycle.png").stat().st_size > 10_000
     assert (out / "first_cycle_over_time.png").stat().st_size > 10_000
     assert "| memory only |" in (out / "report.md").read_text()
+    assert "| WISE, T=1000 | 0.77 | 0.72 | 1.00 |" in (out / "report.md").read_text()  # the row it stands beside
 
 
 def test_locality_profile_counts_where_the_adapter_parts_from_the_base(tiny_model):
