@@ -94,7 +94,7 @@ def _kept(a: dict, pairs: dict, at: float, counts: dict) -> tuple[dict, dict]:
     got, base = a["got"], a["base"]
     texts, memories = [], []
     for (asked, shown), text, plain in zip(_asked(a), [got["q"], got["p"], *got["n"]], [base["q"], base["p"], *base["n"]]):
-        keep = [{**m, "same": pairs[(asked, m["question"])]} for m in shown if pairs[(asked, m["question"])] >= at]
+        keep = [{**m, "same": p} for m in shown if (p := pairs[(asked, m["question"])]) >= at]
         counts["partial"] += 0 < len(keep) < len(shown)
         texts.append(plain if shown and not keep else text)
         memories.append(keep)
