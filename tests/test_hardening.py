@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -203,8 +204,12 @@ def test_a_running_but_hung_vllm_is_not_alive(monkeypatch):
 def test_vllm_listens_behind_its_own_key_and_its_reserved_arguments_are_refused():
     engine = VLLMEngine("unused")
     engine.port = 1234
+    engine._key = "-Fw3" + engine._key  # token_urlsafe keys begin with "-" one time in 64
     command = engine.command()
-    assert command[command.index("--host") + 1] == "127.0.0.1" and len(command[command.index("--api-key") + 1]) > 20
+    assert command[command.index("--host") + 1] == "127.0.0.1" and len(engine._key) > 20
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--api-key", nargs="+")  # as vLLM's parser takes it
+    assert parser.parse_known_args(command)[0].api_key == [engine._key]
     with pytest.raises(ValueError, match="--host"):
         VLLMOptions(extra_args=["--host", "0.0.0.0"])
 

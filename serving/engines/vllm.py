@@ -105,7 +105,7 @@ class VLLMEngine:
             "--served-model-name", BASE,
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--api-key", self._key,
+            f"--api-key={self._key}",  # one argument: a key may begin with "-", which argparse takes for an option
             "--dtype", o.dtype,
             "--max-model-len", str(o.max_model_len),
             *(["--enable-lora", "--max-loras", str(o.max_loras), "--max-cpu-loras", str(o.max_cpu_loras),
