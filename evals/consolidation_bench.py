@@ -266,15 +266,18 @@ SCOPES = (0.0, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95)
 
 def neighbour_figures(model, tok, memory, batch: list[dict], answers_p: list[str], k: int = 6) -> dict:
     """The adapter on its corrections' neighbourhoods (trainer.neighbours.NEIGHBOUR_TEMPLATES about
-    each record's subject, the base model's answers as reference), alone and as served: for each
+    each corrected subject, once; the base model's answers as reference), alone and as served: for each
     scope in SCOPES, the adapter answers a question whose nearest stored correction is at least
     that similar and the base model the rest (generalisation, neighbour strict locality, bleed)."""
     from memory import LOCAL_USER
-    from memory.text import gives
+    from memory.text import gives, normalise
     from trainer.evaluate import agreement, generate
     from trainer.neighbours import bleed, template_neighbours
 
-    near = [(r, q) for r in batch for q in template_neighbours(r["subject"], k)]
+    subjects = {}  # a subject's neighbours once, with its first record (as evals.zsre.with_neighbours)
+    for r in batch:
+        subjects.setdefault(normalise(r["subject"]), r)
+    near = [(r, q) for r in subjects.values() for q in template_neighbours(r["subject"], k)]
     questions = [q for _, q in near]
     adapted = generate(model, tok, questions)
     with model.disable_adapter():

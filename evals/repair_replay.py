@@ -7,8 +7,8 @@ agent replaces by the model's answer shown no memory: on `ratchet-base`, the rec
 With `--same`, each shown memory is first put to the same-question model (memory.matcher), as
 the agent does with RATCHET_SAME_QUESTION: an answer all of whose memories it rejects becomes the
 recorded base answer (exact on `ratchet-base`); one that keeps only some stays as recorded (counted
-as `partial`, not exact). The memories' questions are not recorded: each is the run's corrected
-question with that answer whose similarity to the asked one is nearest to the recorded score.
+as `partial`, not exact). Where a run did not record the memories' questions, each is the run's
+corrected question with that answer whose similarity to the asked one is nearest to the recorded score.
 
     python -m evals.repair_replay reports/memory-tier/before-short/results.json
     python -m evals.repair_replay reports/zsre-report-n200-k50/results.json --same 0.3,0.5,0.7
@@ -54,7 +54,7 @@ def match(results: dict, embedder, matcher) -> dict[tuple[str, str], float]:
             if not shown:
                 continue
             v = embedder.embed([asked])[0]
-            for m in shown:
+            for m in (m for m in shown if "question" not in m):  # older runs did not record it
                 same = by_answer[normalise(m["answer"])]
                 m["question"] = questions[min(same, key=lambda i: abs(float(vectors[i] @ v) - m["score"]))]
             ps = matcher.probability(asked, [m["question"] for m in shown])

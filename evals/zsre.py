@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evals.server import RatchetServer
 from evals.zsre_data import ZSRE, nq_anchor_prompts
 from evals.zsre_data import records as all_records
-from memory.text import JUDGE_RULE, gives
+from memory.text import JUDGE_RULE, gives, normalise
 from serving.client import ApiError, RatchetClient
 from trainer.neighbours import neighbour_questions, neighbour_scores
 # No `user` field: on a server without keys the caller is the trusted local user, whose
@@ -66,11 +66,21 @@ def correction_text(record: dict, style: str = "short") -> str:
     return CORRECTION_STYLES[style].format(answer=record["answer"].strip(), question=record["question"].strip())
 
 
-def with_neighbours(records: list[dict], all_records: list[dict], k: int) -> list[dict]:
+def with_neighbours(records: list[dict], all_records: list[dict], k: int, full: set[int] | None = None) -> list[dict]:
     """Each record with its `k` neighbour questions (trainer.neighbours), none of them a question
-    or paraphrase of an evaluated record (those are corrected themselves)."""
+    or paraphrase of an evaluated record (those are corrected themselves). A subject's neighbours
+    are asked once, with its first record measured in full (`full`, all by default): records that
+    correct the same subject again would otherwise count its neighbourhood again."""
     evaluated = {q for r in records for q in (r["question"], r["paraphrase"])}
-    return [{**r, "neighbours": neighbour_questions(r, all_records, k, exclude=evaluated)} for r in records]
+    full = set(range(len(records))) if full is None else full
+    out, seen = [], set()
+    for i, r in enumerate(records):
+        subject = normalise(r["subject"])
+        first = i in full and subject not in seen
+        if first:
+            seen.add(subject)
+        out.append({**r, "neighbours": neighbour_questions(r, all_records, k, exclude=evaluated) if first else []})
+    return out
 
 
 class Client:
@@ -90,7 +100,7 @@ class Client:
         if memory:
             self.retrieval_ms.append(reply.get("ratchet", {}).get("retrieval_ms", 0.0))
         return {"id": reply["id"], "text": reply["choices"][0]["message"]["content"],
-                "memories": [{"score": m.get("score"), "answer": m["answer"]} for m in shown]}
+                "memories": [{k: m[k] for k in ("score", "answer", "question", "same") if k in m} for m in shown]}
 
     def correct(self, response_id: str, answer: str) -> None:
         self.api.feedback(response_id, correction=answer)
@@ -219,10 +229,11 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
         raise ValueError(f"corrections must be one of {', '.join(CORRECTION_STYLES)}, not {corrections!r}")
     if tiers not in ("all", "memory"):
         raise ValueError(f"tiers must be 'all' or 'memory', not {tiers!r}")
-    records = with_neighbours(load_records(n, data, split), all_records(data), neighbours)
+    full = sample_of(n, sample)
+    records = with_neighbours(load_records(n, data, split), all_records(data), neighbours, full)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all", full=sample_of(n, sample),
+    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all", full=full,
                    base=earlier_base(base_from, records) if base_from else None)
     if url is None:
         data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
@@ -240,6 +251,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
         results = _run(Client(url, concurrency), records, **options)
     results.update({"n": n, "cycle_every": cycle_every, "split": split,
                     "first_record": records[0]["id"] if records else None, "neighbours_per_record": neighbours,
+                    "neighbours_per": "subject",
                     "corrections": corrections, "tiers": tiers, "sample": sample, "base_from": str(base_from) if base_from else None,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
@@ -250,15 +262,16 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
 
 
 def earlier_base(path: Path, records: list[dict]) -> list[dict]:
-    """The base model's answers to `records` from an earlier run's results.json (the same records,
-    neighbours and unrelated questions, or an error)."""
+    """The base model's answers to `records` from an earlier run's results.json (the same records
+    and unrelated questions, and neighbour questions among those it asked, or an error)."""
     earlier = {a["id"]: a for a in json.loads(Path(path).read_text())["memory_tier_answers"]}
     out = []
     for r in records:
         a = earlier.get(r["id"])
-        if a is None or a["neighbours"] != r["neighbours"]:
+        asked = dict(zip(a["neighbours"], a["base"]["n"])) if a else {}
+        if a is None or not set(r["neighbours"]) <= asked.keys():
             raise ValueError(f"{path} has no base answers to {r['id']} with these neighbour questions")
-        out.append(a["base"])
+        out.append({**a["base"], "n": [asked[q] for q in r["neighbours"]]})
     return out
 
 
@@ -342,6 +355,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
         on = [records[i] for i in measured]
         summary = {"base": {**score(on, [base[i] for i in measured], [base[i] for i in measured]),
                             "locality_token": 1.0, "neighbour_locality_token": 1.0}}
+        tier_answers = {}
         if consolidate:
             # memory + weights once, after the last cycle (every cycle would double the run's time)
             both = answers(client, on, "ratchet", True, progress, "memory + weights")
@@ -351,6 +365,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
             weights_only.update({k: last["weights"].get(k) for k in ("locality_token", "neighbour_locality_token")})
             summary.update({"memory_only": score(on, memory_only, [base[i] for i in measured]),
                             "weights_only": weights_only, "both": score(on, both, [base[i] for i in measured])})
+            tier_answers = {"memory_only": memory_only, "weights_only": [last_weights[i] for i in measured], "both": both}
     summary["memory_tier_at_once"] = score(on, [memory_tier[i] for i in measured], [base[i] for i in measured])
     if len(measured) < len(records):  # the question and paraphrase were asked of every record
         summary["memory_tier_at_once_all"] = score(records, memory_tier, base)
@@ -370,6 +385,8 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
         "memory_tier_answers": [{"id": r["id"], "question": r["question"], "paraphrase": r["paraphrase"],
                                  "answer": r["answer"], "neighbours": r["neighbours"], "base": b, "got": g}
                                 for r, b, g in zip(records, base, memory_tier)],
+        # each tier's answers after the last cycle, per record measured in full (by id), to score again
+        "tier_answers": {name: dict(zip([records[i]["id"] for i in measured], got)) for name, got in tier_answers.items()},
     }
 
 
@@ -474,7 +491,7 @@ def write_report(results: dict, output: Path) -> None:
         f"Engine: {results['engine']}. Wall time: {results['seconds']:.0f} s. Greedy answers, at most {MAX_TOKENS} tokens.",
         "",
         f"Records: split `{results.get('split')}` from {first}; {results.get('neighbours_per_record')} neighbour "
-        f"questions per record. Corrections written as `{results.get('corrections')}` "
+        f"questions per {results.get('neighbours_per', 'record')}. Corrections written as `{results.get('corrections')}` "
         f"(`{CORRECTION_STYLES.get(results.get('corrections'), '')}`).",
         "",
         f"Replay anchors: {ANCHORS_TEXT.get(results.get('anchors'), results.get('anchors'))}.",

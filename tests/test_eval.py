@@ -153,3 +153,46 @@ def test_the_bench_counts_neighbours_a_fake_adapter_changed_and_answers_that_lea
     shown = [{"q": [], "p": [{"score": 0.9, "answer": "Tours"}]}, {"q": [], "p": []}]
     s = score(records, [{**g, "shown": m} for g, m in zip(adapted, shown)], base)
     assert s["paraphrase_misses"] == {"retrieval": 0, "ignored": 1}  # shown Tours, answered Paris
+
+
+def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reused(tmp_path):
+    from evals.rescore import once_per_subject
+    from evals.zsre import earlier_base, with_neighbours
+
+    records = [{"id": f"r{i}", "subject": s, "question": f"Q{i} about {s}?", "paraphrase": f"P{i} about {s}?",
+                "answer": a} for i, (s, a) in enumerate([("Ohlanga River", "Indian Ocean"),
+                                                        ("Ohlanga River", "Indian Ocean"), ("Narcy", "Tours")])]
+    got = with_neighbours(records, records, k=2)
+    assert [len(r["neighbours"]) for r in got] == [2, 0, 2]  # the second Ohlanga record: no neighbours again
+    assert [len(r["neighbours"]) for r in with_neighbours(records, records, k=2, full={1, 2})] == [0, 2, 2]
+
+    answered = [{"id": r["id"], "neighbours": n["neighbours"] or ["Who is Ohlanga River?"],
+                 "base": {"q": "?", "n": [f"base {q}" for q in n["neighbours"] or ["Who is Ohlanga River?"]]}}
+                for r, n in zip(records, got)]
+    (tmp_path / "results.json").write_text(json.dumps({"memory_tier_answers": answered}))
+    base = earlier_base(tmp_path / "results.json", got)
+    assert base[1]["n"] == [] and base[0]["n"] == [f"base {q}" for q in got[0]["neighbours"]]
+    with pytest.raises(ValueError, match="no base answers"):
+        earlier_base(tmp_path / "results.json", [{**got[2], "neighbours": ["Who asked this?"]}])
+
+    rows = [{"id": r["id"], "neighbours": ["Who is X?"], "base": {"n": ["b"]}, "got": {"n": ["g"]}} for r in records]
+    once = once_per_subject(rows, {r["id"]: r["subject"] for r in records})
+    assert [len(a["got"]["n"]) for a in once] == [1, 0, 1]
+
+
+def test_the_same_question_model_trains_on_general_questions_about_the_subject_as_negatives():
+    from evals.same_question import GENERAL_QUESTIONS, training_pairs
+    from trainer.neighbours import NEIGHBOUR_TEMPLATES
+
+    class Flat:
+        def embed(self, texts):
+            import numpy as np
+            return np.ones((len(texts), 4), dtype="float32") / 2
+
+    rows = [{"subject": "Momus", "question": "Who was the mother of Momus?", "paraphrase": "Momus's mother is who?",
+             "answer": "Nyx"},
+            {"subject": "Narcy", "question": "Where did Narcy die?", "paraphrase": "Narcy died where?", "answer": "Tours"}]
+    pairs = training_pairs(rows, Flat(), swaps=1)
+    assert ("Who or what is Momus?", "Who was the mother of Momus?", 0) in pairs
+    assert not set(GENERAL_QUESTIONS) & set(NEIGHBOUR_TEMPLATES)  # the measured templates stay unseen
+    assert not {a for a, _, _ in pairs} & {t.format(s="Momus") for t in NEIGHBOUR_TEMPLATES}
