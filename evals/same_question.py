@@ -31,6 +31,17 @@ from trainer.neighbours import ANCHOR_TEMPLATES, NEIGHBOUR_TEMPLATES, template_n
 
 THRESHOLDS = tuple(round(0.875 + 0.005 * i, 3) for i in range(26))
 MAX_WRONG = 0.005  # the share of neighbour or other-fact questions a threshold may let through, at most
+# Questions about who or what a subject is, which ask for no one fact and so are never a corrected
+# question: negatives for the same-question model, worded unlike the measured NEIGHBOUR_TEMPLATES.
+# Without them it took "Who is Momus?" for "Who was the mother of Momus?" (P 0.98; reports/memory-tier/matcher.md).
+GENERAL_QUESTIONS = (
+    "Who or what is {s}?",
+    "Tell me about {s}.",
+    "Can you tell me who {s} was?",
+    "What should I know about {s}?",
+    "What is {s} famous for?",
+    "Who was {s}, in a few words?",
+)
 
 
 def shares(embedder, rows: list[dict]) -> list[dict]:
@@ -86,8 +97,8 @@ def _nearest_other_fact(rows: list[dict], similarity: np.ndarray, i: int, top: i
 
 def training_pairs(rows: list[dict], embedder, seed: int = 0, swaps: int = 12) -> list[tuple[str, str, int]]:
     """(question, question, same?) pairs from zsRE-style records: a question and its paraphrase
-    (same); the subject's ANCHOR_TEMPLATES questions (not the measured NEIGHBOUR_TEMPLATES) and its
-    other records with another answer (not same); other records' question wordings about this
+    (same); the subject's ANCHOR_TEMPLATES and GENERAL_QUESTIONS (not the measured NEIGHBOUR_TEMPLATES)
+    and its other records with another answer (not same); other records' question wordings about this
     subject (same when the two wordings were ever used for one fact, not same otherwise); and each
     paraphrase's nearest question of another subject and fact (not same)."""
     rng = random.Random(seed)
@@ -115,7 +126,7 @@ def training_pairs(rows: list[dict], embedder, seed: int = 0, swaps: int = 12) -
     for r in rows:
         s, q, p = r["subject"], r["question"], r["paraphrase"]
         pairs += [(q, p, 1), (p, q, 1)]
-        pairs += [(t.format(s=s), x, 0) for t in ANCHOR_TEMPLATES for x in (q, p)]
+        pairs += [(t.format(s=s), x, 0) for t in (*ANCHOR_TEMPLATES, *GENERAL_QUESTIONS) for x in (q, p)]
         pairs += [(b["question"], q, int(normalise(b["answer"]) == normalise(r["answer"])))
                   for b in by_subject[s] if b is not r]
         own = find(_template(q, s))
@@ -179,8 +190,8 @@ def matcher_table(rows: list[dict], embedder, matcher) -> list[dict]:
     q = embedder.embed([r["question"] for r in rows])
     sim = embedder.embed([r["paraphrase"] for r in rows]) @ q.T
     para = np.array([matcher.probability(r["question"], [r["paraphrase"]])[0] for r in rows])
-    near = np.concatenate([matcher.probability(r["question"], [t.format(s=r["subject"]) for t in NEIGHBOUR_TEMPLATES])
-                           for r in rows])
+    near = np.stack([matcher.probability(r["question"], [t.format(s=r["subject"]) for t in NEIGHBOUR_TEMPLATES])
+                     for r in rows])  # rows x templates
     other = []
     for i, r in enumerate(rows):
         j = _nearest_other_fact(rows, sim, i, top=8)
@@ -188,7 +199,9 @@ def matcher_table(rows: list[dict], embedder, matcher) -> list[dict]:
             other.append(matcher.probability(rows[j]["question"], [r["paraphrase"]])[0])
     other = np.array(other)
     return [{"threshold": t, "paraphrase": float((para >= t).mean()), "neighbour": float((near >= t).mean()),
-             "other_fact": float((other >= t).mean())} for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98, 0.99)]
+             "other_fact": float((other >= t).mean()),
+             "by_template": dict(zip(NEIGHBOUR_TEMPLATES, map(float, (near >= t).mean(axis=0))))}
+            for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98, 0.99)]
 
 
 def candidate_table(rows: list[dict], embedder) -> list[dict]:
@@ -216,6 +229,10 @@ def write_matcher(tables: dict[str, list[dict]], candidates: list[dict], output:
                   "|---|---|---|---|"]
         lines += [f"| {r['threshold']} | {r['paraphrase']:.3f} | {r['neighbour']:.4f} | {r['other_fact']:.4f} |"
                   for r in table]
+        used = [r for r in table if r["threshold"] in (SAME_QUESTION_PROBABILITY, REPAIR_PROBABILITY)]
+        lines += ["", "Neighbours by template, at the probabilities in use:", "",
+                  "| template | " + " | ".join(f"P ≥ {r['threshold']}" for r in used) + " |", "|---|" + "---|" * len(used)]
+        lines += [f"| {t} | " + " | ".join(f"{r['by_template'][t]:.4f}" for r in used) + " |" for t in NEIGHBOUR_TEMPLATES]
         lines.append("")
     lines += ["## The similarity from which the model reads a correction, records 1-2000", "",
               f"In use: {CANDIDATE_SIMILARITY} (memory.matcher.CANDIDATE_SIMILARITY).", "",
