@@ -31,17 +31,6 @@ from trainer.neighbours import ANCHOR_TEMPLATES, NEIGHBOUR_TEMPLATES, template_n
 
 THRESHOLDS = tuple(round(0.875 + 0.005 * i, 3) for i in range(26))
 MAX_WRONG = 0.005  # the share of neighbour or other-fact questions a threshold may let through, at most
-# Questions about who or what a subject is, which ask for no one fact and so are never a corrected
-# question: negatives for the same-question model, worded unlike the measured NEIGHBOUR_TEMPLATES.
-# Without them it took "Who is Momus?" for "Who was the mother of Momus?" (P 0.98; reports/memory-tier/matcher.md).
-GENERAL_QUESTIONS = (
-    "Who or what is {s}?",
-    "Tell me about {s}.",
-    "Can you tell me who {s} was?",
-    "What should I know about {s}?",
-    "What is {s} famous for?",
-    "Who was {s}, in a few words?",
-)
 
 
 def shares(embedder, rows: list[dict]) -> list[dict]:
@@ -97,8 +86,8 @@ def _nearest_other_fact(rows: list[dict], similarity: np.ndarray, i: int, top: i
 
 def training_pairs(rows: list[dict], embedder, seed: int = 0, swaps: int = 12) -> list[tuple[str, str, int]]:
     """(question, question, same?) pairs from zsRE-style records: a question and its paraphrase
-    (same); the subject's ANCHOR_TEMPLATES and GENERAL_QUESTIONS (not the measured NEIGHBOUR_TEMPLATES)
-    and its other records with another answer (not same); other records' question wordings about this
+    (same); the subject's ANCHOR_TEMPLATES questions (not the measured NEIGHBOUR_TEMPLATES) and its
+    other records with another answer (not same); other records' question wordings about this
     subject (same when the two wordings were ever used for one fact, not same otherwise); and each
     paraphrase's nearest question of another subject and fact (not same)."""
     rng = random.Random(seed)
@@ -126,7 +115,7 @@ def training_pairs(rows: list[dict], embedder, seed: int = 0, swaps: int = 12) -
     for r in rows:
         s, q, p = r["subject"], r["question"], r["paraphrase"]
         pairs += [(q, p, 1), (p, q, 1)]
-        pairs += [(t.format(s=s), x, 0) for t in (*ANCHOR_TEMPLATES, *GENERAL_QUESTIONS) for x in (q, p)]
+        pairs += [(t.format(s=s), x, 0) for t in ANCHOR_TEMPLATES for x in (q, p)]
         pairs += [(b["question"], q, int(normalise(b["answer"]) == normalise(r["answer"])))
                   for b in by_subject[s] if b is not r]
         own = find(_template(q, s))
