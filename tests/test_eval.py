@@ -179,20 +179,3 @@ def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reuse
     once = once_per_subject(rows, {r["id"]: r["subject"] for r in records})
     assert [len(a["got"]["n"]) for a in once] == [1, 0, 1]
 
-
-def test_the_same_question_model_trains_on_general_questions_about_the_subject_as_negatives():
-    from evals.same_question import GENERAL_QUESTIONS, training_pairs
-    from trainer.neighbours import NEIGHBOUR_TEMPLATES
-
-    class Flat:
-        def embed(self, texts):
-            import numpy as np
-            return np.ones((len(texts), 4), dtype="float32") / 2
-
-    rows = [{"subject": "Momus", "question": "Who was the mother of Momus?", "paraphrase": "Momus's mother is who?",
-             "answer": "Nyx"},
-            {"subject": "Narcy", "question": "Where did Narcy die?", "paraphrase": "Narcy died where?", "answer": "Tours"}]
-    pairs = training_pairs(rows, Flat(), swaps=1)
-    assert ("Who or what is Momus?", "Who was the mother of Momus?", 0) in pairs
-    assert not set(GENERAL_QUESTIONS) & set(NEIGHBOUR_TEMPLATES)  # the measured templates stay unseen
-    assert not {a for a, _, _ in pairs} & {t.format(s="Momus") for t in NEIGHBOUR_TEMPLATES}
