@@ -20,3 +20,17 @@ def test_the_probability_does_not_depend_on_which_question_is_asked():
     a, b = "Who published The Glass Orchard?", "Which publisher released The Glass Orchard?"
     assert abs(matcher.probability(a, [b])[0] - matcher.probability(b, [a])[0]) < 1e-5
     assert len(matcher.probability(a, [])) == 0
+
+
+def test_the_matcher_report_lists_neighbours_by_template_at_the_probabilities_in_use(tmp_path, capsys):
+    from agent.repair import REPAIR_PROBABILITY
+    from evals.same_question import write_matcher
+    from trainer.neighbours import NEIGHBOUR_TEMPLATES
+
+    table = [{"threshold": t, "paraphrase": 0.9, "neighbour": 0.05, "other_fact": 0.01,
+              "by_template": {x: (0.2 if x == "Who is {s}?" else 0.0) for x in NEIGHBOUR_TEMPLATES}}
+             for t in (0.1, SAME_QUESTION_PROBABILITY, REPAIR_PROBABILITY)]
+    write_matcher({"report split": table}, [{"similarity": 0.7, "paraphrase": 0.988}], tmp_path, 1.0)
+    md = (tmp_path / "matcher.md").read_text()
+    assert f"| template | P ≥ {SAME_QUESTION_PROBABILITY} | P ≥ {REPAIR_PROBABILITY} |" in md
+    assert "| Who is {s}? | 0.2000 | 0.2000 |" in md and "| When was {s} founded? | 0.0000 | 0.0000 |" in md
