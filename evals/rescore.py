@@ -19,14 +19,18 @@ from memory.text import normalise
 
 
 def once_per_subject(rows: list[dict], subjects: dict[str, str]) -> list[dict]:
-    """`rows` (memory_tier_answers) with the neighbours of a subject kept at its first row that asked them."""
+    """`rows` (memory_tier_answers) with neighbours only at each subject's first record measured in
+    full (its unrelated question answered: a long run's sample); `subjects`: record id → subject."""
     seen, out = set(), []
     for a in rows:
         subject = normalise(subjects[a["id"]])
-        if a["neighbours"] and subject in seen:
-            a = {**a, "neighbours": [], "base": {**a["base"], "n": []}, "got": {**a["got"], "n": []}}
-        elif a["neighbours"]:
+        if "l" in a["got"] and subject not in seen:
             seen.add(subject)
+        elif a["neighbours"]:
+            got = {**a["got"], "n": []}
+            if "shown" in got:
+                got["shown"] = {**got["shown"], "n": []}
+            a = {**a, "neighbours": [], "base": {**a["base"], "n": []}, "got": got}
         out.append(a)
     return out
 

@@ -1,7 +1,8 @@
 """A finished `ratchet eval zsre` run asked again on its own data directory (its memories and its
 active adapter), with the server's settings as they are now: what a change of serving alone (say,
 the same-question model, RATCHET_SAME_QUESTION) does to the served answers, with no new training.
-Scored against the run's recorded base answers; the unrelated question is not asked again.
+Scored against the run's recorded base answers; the unrelated question is not asked again, the
+neighbours only of the records the run measured in full, a subject's once (evals.rescore).
 
     python -m evals.served_again reports/zsre-report-n200-k50 --data reports/zsre-report-n200-k50/data-x \\
         --env RATCHET_SAME_QUESTION=0.5 --output reports/zsre-report-n200-k50/served-same-question.json
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from evals.rescore import once_per_subject
 from evals.server import RatchetServer
 from evals.zsre import Client, answers, score
+from evals.zsre_data import records as all_records
 
 CONFIGURATIONS = {"weights_only": ("ratchet", False), "memory_only": ("ratchet-base", True), "both": ("ratchet", True)}
 
@@ -34,10 +37,11 @@ def main() -> None:
     ap.add_argument("--output", type=Path, required=True)
     a = ap.parse_args()
     results = json.loads((a.run / "results.json").read_text())
-    rows = results["memory_tier_answers"]
+    rows = once_per_subject(results["memory_tier_answers"], {r["id"]: r["subject"] for r in all_records()})
     records = [{"question": r["question"], "paraphrase": r["paraphrase"], "answer": r["answer"],
                 "neighbours": r["neighbours"], "locality_question": None} for r in rows]
-    base = [r["base"] for r in rows]  # its unrelated answer ("l") goes unscored: not asked again
+    # its unrelated answer ("l") goes unscored: not asked again
+    base = [r["base"] for r in rows]
     env = dict(e.split("=", 1) for e in a.env)
     out = {"run": str(a.run), "env": env, "recorded": {k: results["summary"].get(k) for k in CONFIGURATIONS}, "now": {}}
     with tempfile.TemporaryDirectory(dir=a.data.parent) as scratch:

@@ -175,7 +175,10 @@ def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reuse
     with pytest.raises(ValueError, match="no base answers"):
         earlier_base(tmp_path / "results.json", [{**got[2], "neighbours": ["Who asked this?"]}])
 
-    rows = [{"id": r["id"], "neighbours": ["Who is X?"], "base": {"n": ["b"]}, "got": {"n": ["g"]}} for r in records]
+    rows = [{"id": r["id"], "neighbours": ["Who is X?"], "base": {"n": ["b"]}, "got": {"l": "?", "n": ["g"]}}
+            for r in records]
     once = once_per_subject(rows, {r["id"]: r["subject"] for r in records})
     assert [len(a["got"]["n"]) for a in once] == [1, 0, 1]
+    sampled = once_per_subject([{**rows[0], "got": {"n": []}}, *rows[1:]], {r["id"]: r["subject"] for r in records})
+    assert [len(a["neighbours"]) for a in sampled] == [0, 1, 1]  # outside a sample: the next record asks them
 
