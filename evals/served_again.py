@@ -43,7 +43,8 @@ def main() -> None:
     # its unrelated answer ("l") goes unscored: not asked again
     base = [r["base"] for r in rows]
     env = dict(e.split("=", 1) for e in a.env)
-    out = {"run": str(a.run), "env": env, "recorded": {k: results["summary"].get(k) for k in CONFIGURATIONS}, "now": {}}
+    out = {"run": str(a.run), "env": env, "recorded": {k: results["summary"].get(k) for k in CONFIGURATIONS},
+           "neighbours_per": results.get("neighbours_per", "record"), "now": {}}
     with tempfile.TemporaryDirectory(dir=a.data.parent) as scratch:
         data = Path(scratch) / "data"
         shutil.copytree(a.data, data, ignore=shutil.ignore_patterns("serve-*.log", "ratchet.lock"))
@@ -55,6 +56,28 @@ def main() -> None:
                 out["now"][name] = score(records, got, base)
                 print(name, json.dumps(out["now"][name]))
     a.output.write_text(json.dumps(out, indent=1))
+    write_markdown(out, a.output.with_suffix(".md"))
+
+
+FIGURES = (("reliability", "reliability"), ("generalisation", "generalisation"),
+           ("neighbour_locality_strict", "neighbours strict"), ("neighbour_bleed", "bleed"), ("n_neighbours", "neighbours"))
+
+
+def write_markdown(out: dict, path: Path) -> None:
+    """The figures as the run recorded them and as served now, side by side."""
+    def cell(v):
+        return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"# {out['run']} served again", "", f"Server environment: {out['env'] or 'defaults'}. Recorded: as "
+             f"the run measured them, a subject's neighbours once per {out.get('neighbours_per', 'record')}; now: the "
+             "run's data directory served by this code, a subject's neighbours once.", "",
+             "| configuration | | " + " | ".join(name for _, name in FIGURES) + " |", "|---|---|" + "---|" * len(FIGURES)]
+    for name, now in out["now"].items():
+        recorded = out["recorded"].get(name) or {}
+        lines += [f"| {name} | recorded | " + " | ".join(cell(recorded.get(k)) for k, _ in FIGURES) + " |",
+                  f"| {name} | now | " + " | ".join(cell(now.get(k)) for k, _ in FIGURES) + " |"]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -182,3 +182,14 @@ def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reuse
     sampled = once_per_subject([{**rows[0], "got": {"n": []}}, *rows[1:]], {r["id"]: r["subject"] for r in records})
     assert [len(a["neighbours"]) for a in sampled] == [0, 1, 1]  # outside a sample: the next record asks them
 
+
+
+def test_served_again_sets_recorded_and_served_figures_side_by_side(tmp_path):
+    from evals.served_again import write_markdown
+
+    out = {"run": "reports/x", "env": {}, "recorded": {"weights_only": {"neighbour_bleed": 0.254}},
+           "now": {"weights_only": {"reliability": 0.99, "neighbour_bleed": 0.024, "n_neighbours": 713}}}
+    write_markdown(out, tmp_path / "served.md")
+    md = (tmp_path / "served.md").read_text()
+    assert "| weights_only | recorded | — | — | — | 0.254 | — |" in md
+    assert "| weights_only | now | 0.990 | — | — | 0.024 | 713 |" in md and "once per record" in md
