@@ -1,8 +1,7 @@
 """A recorded `ratchet eval zsre` run scored again with each corrected subject's neighbours counted
-once (evals.zsre.with_neighbours), as runs from 2026-12-05 ask them: before, a subject corrected by
-several records (the same fact worded again, as zsRE often has it) had its neighbourhood asked and
-counted once per record. The memory tier's answers are recorded in every run; the other tiers' only
-in runs that keep `tier_answers`.
+once, as evals.zsre.with_neighbours asks them, for runs that counted them once per record that
+corrected the subject (zsRE often words one fact several times). The memory tier's answers are
+recorded in every run; the other tiers' only in runs that keep `tier_answers`.
 
     python -m evals.rescore reports/zsre-report-n200-k50/results.json
 """

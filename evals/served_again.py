@@ -40,8 +40,7 @@ def main() -> None:
     rows = once_per_subject(results["memory_tier_answers"], {r["id"]: r["subject"] for r in all_records()})
     records = [{"question": r["question"], "paraphrase": r["paraphrase"], "answer": r["answer"],
                 "neighbours": r["neighbours"], "locality_question": None} for r in rows]
-    # its unrelated answer ("l") goes unscored: not asked again
-    base = [r["base"] for r in rows]
+    base = [r["base"] for r in rows]  # its unrelated answer ("l") goes unscored: not asked again
     env = dict(e.split("=", 1) for e in a.env)
     out = {"run": str(a.run), "env": env, "recorded": {k: results["summary"].get(k) for k in CONFIGURATIONS},
            "neighbours_per": results.get("neighbours_per", "record"), "now": {}}
