@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -341,6 +342,22 @@ def test_the_registry_keeps_versions_and_one_active(tmp_path):
     assert registry.active() is None
     with pytest.raises(FileNotFoundError):
         registry.register(3, parent=2, cycle_id=3, manifest={})
+
+
+def test_a_copied_data_directory_serves_its_own_adapter_folders(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    registry = AdapterRegistry(open_db(tmp_path / "old" / "r.db"), "old/adapters")  # relative, as `--data-dir old`
+    _fake_adapter(registry, 1)
+    registry.register(1, parent=None, cycle_id=1, manifest={})
+    registry.activate(1)
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    shutil.rmtree(tmp_path / "old")
+    monkeypatch.chdir(tmp_path / "new")  # another working directory too
+    copied = AdapterRegistry(open_db(tmp_path / "new" / "r.db"), tmp_path / "new" / "adapters")
+    assert copied.active().path == str(tmp_path / "new" / "adapters" / "v0001")
+    assert (Path(copied.active().path) / "adapter_config.json").exists()
 
 
 def test_the_registry_records_a_version_with_its_final_status_and_keeps_the_strings(tmp_path):

@@ -57,7 +57,7 @@ class AdapterRegistry:
     def __init__(self, db: sqlite_utils.Database, root: str | Path):
         self.db = db
         migrate(db)
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: an engine in another working directory loads from it
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # a change to the database and the copy in memory is one step
         self._active = self._read_active()
@@ -111,10 +111,10 @@ class AdapterRegistry:
         rows = list(self.db["adapters"].rows_where("version = ?", [version]))
         if not rows:
             raise KeyError(f"no adapter version {version}")
-        return _version(rows[0])
+        return self._version(rows[0])
 
     def versions(self) -> list[AdapterVersion]:
-        return [_version(r) for r in self.db["adapters"].rows_where(order_by="version")]
+        return [self._version(r) for r in self.db["adapters"].rows_where(order_by="version")]
 
     def active(self) -> AdapterVersion | None:
         """The version served as `ratchet` (None: the base model), from memory."""
@@ -142,7 +142,14 @@ class AdapterRegistry:
 
     def _read_active(self) -> AdapterVersion | None:
         rows = list(self.db["adapters"].rows_where("active = 1"))
-        return _version(rows[0]) if rows else None
+        return self._version(rows[0]) if rows else None
+
+    def _version(self, row: dict) -> AdapterVersion:
+        """A version as the `adapters` table stores it, its folder under this registry's root: the
+        stored path is where it was written, which a moved or copied data directory no longer is."""
+        plain = {k: row[k] for k in ("version", "parent", "cycle_id", "created_at")}
+        return AdapterVersion(**plain, path=str(self.folder_for(row["version"])), status=AdapterStatus(row["status"]),
+                              active=bool(row["active"]), metrics=json.loads(row["metrics"] or "{}"))
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -164,9 +171,3 @@ def _fsync(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _version(row: dict) -> AdapterVersion:
-    """A version as the `adapters` table stores it."""
-    plain = {k: row[k] for k in ("version", "path", "parent", "cycle_id", "created_at")}
-    return AdapterVersion(**plain, status=AdapterStatus(row["status"]), active=bool(row["active"]),
-                          metrics=json.loads(row["metrics"] or "{}"))
