@@ -270,14 +270,12 @@ def neighbour_figures(model, tok, memory, batch: list[dict], answers_p: list[str
     scope in SCOPES, the adapter answers a question whose nearest stored correction is at least
     that similar and the base model the rest (generalisation, neighbour strict locality, bleed)."""
     from memory import LOCAL_USER
-    from memory.text import gives, normalise
+    from memory.text import gives
     from trainer.evaluate import agreement, generate
-    from trainer.neighbours import bleed, template_neighbours
+    from trainer.neighbours import bleed, first_per_subject, template_neighbours
 
-    subjects = {}  # a subject's neighbours once, with its first record (as evals.zsre.with_neighbours)
-    for r in batch:
-        subjects.setdefault(normalise(r["subject"]), r)
-    near = [(r, q) for r in subjects.values() for q in template_neighbours(r["subject"], k)]
+    firsts = first_per_subject([r["subject"] for r in batch])
+    near = [(r, q) for i, r in enumerate(batch) if i in firsts for q in template_neighbours(r["subject"], k)]
     questions = [q for _, q in near]
     adapted = generate(model, tok, questions)
     with model.disable_adapter():

@@ -14,18 +14,16 @@ from pathlib import Path
 
 from evals.zsre import score
 from evals.zsre_data import records as all_records
-from memory.text import normalise
+from trainer.neighbours import first_per_subject
 
 
 def once_per_subject(rows: list[dict], subjects: dict[str, str]) -> list[dict]:
     """`rows` (memory_tier_answers) with neighbours only at each subject's first record measured in
     full (its unrelated question answered: a long run's sample); `subjects`: record id → subject."""
-    seen, out = set(), []
-    for a in rows:
-        subject = normalise(subjects[a["id"]])
-        if "l" in a["got"] and subject not in seen:
-            seen.add(subject)
-        elif a["neighbours"]:
+    firsts = first_per_subject([subjects[a["id"]] for a in rows], {i for i, a in enumerate(rows) if "l" in a["got"]})
+    out = []
+    for i, a in enumerate(rows):
+        if i not in firsts and a["neighbours"]:
             got = {**a["got"], "n": []}
             if "shown" in got:
                 got["shown"] = {**got["shown"], "n": []}

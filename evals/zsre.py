@@ -29,9 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evals.server import RatchetServer
 from evals.zsre_data import ZSRE, nq_anchor_prompts
 from evals.zsre_data import records as all_records
-from memory.text import JUDGE_RULE, gives, normalise
+from memory.text import JUDGE_RULE, gives
 from serving.client import ApiError, RatchetClient
-from trainer.neighbours import neighbour_questions, neighbour_scores
+from trainer.neighbours import first_per_subject, neighbour_questions, neighbour_scores
 # No `user` field: on a server without keys the caller is the trusted local user, whose
 # corrections enter the shared adapter; on a keyed server the key names the user.
 MAX_TOKENS = 32
@@ -72,15 +72,9 @@ def with_neighbours(records: list[dict], all_records: list[dict], k: int, full: 
     are asked once, with its first record measured in full (`full`, all by default): records that
     correct the same subject again would otherwise count its neighbourhood again."""
     evaluated = {q for r in records for q in (r["question"], r["paraphrase"])}
-    full = set(range(len(records))) if full is None else full
-    out, seen = [], set()
-    for i, r in enumerate(records):
-        subject = normalise(r["subject"])
-        first = i in full and subject not in seen
-        if first:
-            seen.add(subject)
-        out.append({**r, "neighbours": neighbour_questions(r, all_records, k, exclude=evaluated) if first else []})
-    return out
+    firsts = first_per_subject([r["subject"] for r in records], full)
+    return [{**r, "neighbours": neighbour_questions(r, all_records, k, exclude=evaluated) if i in firsts else []}
+            for i, r in enumerate(records)]
 
 
 class Client:

@@ -82,6 +82,17 @@ def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEI
     return out[:k]
 
 
+def first_per_subject(subjects: list[str], among: set[int] | None = None) -> set[int]:
+    """The index of each subject's first occurrence in `subjects` (after normalising), among the
+    indices `among` (all by default): where a subject's neighbours are asked, once however many
+    corrections it has."""
+    firsts: dict[str, int] = {}
+    for i, s in enumerate(subjects):
+        if among is None or i in among:
+            firsts.setdefault(normalise(s), i)
+    return set(firsts.values())
+
+
 def subject_of(question: str) -> str | None:
     """The subject of a question a user corrected, when it names one: the longest run of
     capitalised words after the first word ("What university did Watts Humphrey attend?" →
