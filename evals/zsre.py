@@ -16,6 +16,7 @@ would write it (`corrections`: the bare answer, "No, it's X", or a sentence).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -275,9 +276,19 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                         console=console)
     full = set(range(len(records))) if full is None else full
     asked = [r if i in full else slim(r) for i, r in enumerate(records)]  # what is asked of each record
+    measured = sorted(full)
+    phases: dict[str, float] = {}  # seconds spent on each kind of work, to see what a long run costs
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        t0 = time.monotonic()
+        yield
+        phases[name] = round(phases.get(name, 0.0) + time.monotonic() - t0, 1)
+
     with progress:
         if base is None:
-            base = answers(client, asked, "ratchet-base", False, progress, "base model")
+            with phase("base model"):
+                base = answers(client, asked, "ratchet-base", False, progress, "base model")
         memory_tier: list[dict] = [None] * len(records)
         cycles = []
         previous_weights: dict[int, bool] = {}
@@ -290,24 +301,28 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 client.correct(first["id"], correction_text(r, corrections))
                 return ask_all(client, asked[i], "ratchet", True)
 
-            for i, got in zip(chunk, client.map(teach, chunk, progress, f"cycle {c}: correcting")):
-                memory_tier[i] = got
+            with phase("correcting and the memory tier at once"):
+                for i, got in zip(chunk, client.map(teach, chunk, progress, f"cycle {c}: correcting")):
+                    memory_tier[i] = got
             if not consolidate:
                 continue
             task = progress.add_task(f"cycle {c}: consolidating", total=None)
             t0 = time.monotonic()
-            cycle = client.consolidate()
+            with phase("consolidation (training and gate)"):
+                cycle = client.consolidate()
             progress.remove_task(task)
             cycle_seconds = time.monotonic() - t0
 
             last = chunk[-1] + 1 == len(records)
-            # this cycle's corrections and the sample's earlier ones; each cycle asks the neighbours of
-            # its new corrections' subjects, the last cycle all of them (every subject every cycle: N x
-            # more requests)
-            seen = [i for i in range(0, chunk[-1] + 1) if i >= start or i in full]
-            weights = dict(zip(seen, answers(client, [asked[i] if last or i >= start else
-                                                      {**asked[i], "neighbours": []} for i in seen],
-                                             "ratchet", False, progress, f"cycle {c}: weights tier")))
+            # the corrections so far that are measured in full (all, unless a sample); each cycle asks
+            # the neighbours of its new corrections' subjects, the last cycle all of them (every subject
+            # every cycle: N x more requests)
+            seen = [i for i in range(0, chunk[-1] + 1) if i in full]
+            with phase("weights tier per cycle"):
+                weights = dict(zip(seen, answers(client, [asked[i] if last or i >= start else
+                                                          {**asked[i], "neighbours": []} for i in seen],
+                                                 "ratchet", False, progress, f"cycle {c}: weights tier")))
+            new = [i for i in chunk if i in full]
             right_now = {i: gives(records[i]["answer"], weights[i]["q"]) for i in seen}
             earlier = [i for i in seen if i < start]
             first_cycle = [i for i in range(0, min(k, len(records))) if i in weights]
@@ -325,35 +340,36 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 "server_metrics": cycle.get("metrics", {}),
                 "memory_tier_this_cycle": figures(chunk, memory_tier),
                 "weights": figures(seen, weights),
-                "weights_new": figures(chunk, weights),
+                "weights_new": figures(new, weights),
                 "retention": (sum(right_now[i] for i in earlier) / len(earlier)) if earlier else None,
                 "negative_flips": (sum(previous_weights[i] and not right_now[i] for i in earlier) / len(earlier))
                 if earlier else None,
                 "first_cycle_weights": figures(first_cycle, weights),
                 "measured": len(seen),
             }
-            measured = [i for i in seen if i in full]
-            row["weights"]["locality_token"] = token_locality(
-                client, [records[i] for i in measured], [base[i] for i in measured], "ratchet", progress, lane_wait)
-            if last:
-                row["weights"]["neighbour_locality_token"] = token_locality(
-                    client, [asked[i] for i in measured], [base[i] for i in measured], "ratchet", progress, lane_wait,
-                    neighbours=True)
+            with phase("token-level locality per cycle"):
+                row["weights"]["locality_token"] = token_locality(
+                    client, [records[i] for i in seen], [base[i] for i in seen], "ratchet", progress, lane_wait)
+                if last:
+                    row["weights"]["neighbour_locality_token"] = token_locality(
+                        client, [asked[i] for i in seen], [base[i] for i in seen], "ratchet", progress, lane_wait,
+                        neighbours=True)
             previous_weights, last_weights = right_now, weights
             cycles.append(row)
             console.print(f"cycle {c}: {cycle['status']} in {cycle_seconds:.0f} s; weights reliability "
                           f"{row['weights']['reliability']:.2f}, generalisation {row['weights']['generalisation']:.2f}, "
                           f"locality {row['weights']['locality_strict']}/{row['weights']['locality_token']}")
         # the tiers side by side on the records measured in full (all, unless a sample)
-        measured = sorted(full)
         on = [records[i] for i in measured]
         summary = {"base": {**score(on, [base[i] for i in measured], [base[i] for i in measured]),
                             "locality_token": 1.0, "neighbour_locality_token": 1.0}}
         tier_answers = {}
         if consolidate:
             # memory + weights once, after the last cycle (every cycle would double the run's time)
-            both = answers(client, on, "ratchet", True, progress, "memory + weights")
-            memory_only = answers(client, on, "ratchet-base", True, progress, "memory only (ratchet-base + memory)")
+            with phase("memory + weights and memory only, at the end"):
+                both = answers(client, on, "ratchet", True, progress, "memory + weights")
+                memory_only = answers(client, on, "ratchet-base", True, progress,
+                                      "memory only (ratchet-base + memory)")
             last = cycles[-1]
             weights_only = score(on, [last_weights[i] for i in measured], [base[i] for i in measured])
             weights_only.update({k: last["weights"].get(k) for k in ("locality_token", "neighbour_locality_token")})
@@ -367,6 +383,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
     return {
         "summary": summary,
         "cycles": cycles,
+        "phases_seconds": phases,
         "latency": {
             "chat_p50_ms": round(statistics.median(client.chat_ms), 1),
             "chat_p99_ms": round(statistics.quantiles(client.chat_ms, n=100)[98], 1) if len(client.chat_ms) > 1 else None,
@@ -547,7 +564,13 @@ def write_report(results: dict, output: Path) -> None:
     lines += ["", "## Latency (client side, through the HTTP API)", "",
               f"Chat p50 {lat['chat_p50_ms']} ms, p99 {lat['chat_p99_ms']} ms over {lat['requests']} requests; "
               f"retrieval (embed + search, server side) p50 {lat['retrieval_p50_ms']} ms, p99 {lat['retrieval_p99_ms']} ms.",
-              "", "![neighbourhood per tier](neighbourhood.png)", ""]
+              ""]
+    if results.get("phases_seconds"):
+        lines += ["## Where the wall time went", "", "| work | seconds | share |", "|---|---|---|"]
+        lines += [f"| {name} | {sec:.0f} | {sec / results['seconds']:.2f} |"
+                  for name, sec in results["phases_seconds"].items()]
+        lines.append("")
+    lines += ["![neighbourhood per tier](neighbourhood.png)", ""]
     if cycles:
         lines += ["![accuracy per cycle](accuracy_per_cycle.png)", "", "![first cycle over time](first_cycle_over_time.png)",
                   ""]
