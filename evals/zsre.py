@@ -340,7 +340,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 "server_metrics": cycle.get("metrics", {}),
                 "memory_tier_this_cycle": figures(chunk, memory_tier),
                 "weights": figures(seen, weights),
-                "weights_new": figures(new, weights),
+                "weights_new": figures(new, weights) if new else {},  # none of a sample's in this cycle
                 "retention": (sum(right_now[i] for i in earlier) / len(earlier)) if earlier else None,
                 "negative_flips": (sum(previous_weights[i] and not right_now[i] for i in earlier) / len(earlier))
                 if earlier else None,
@@ -556,7 +556,7 @@ def write_report(results: dict, output: Path) -> None:
             w, new, gate = c["weights"], c["weights_new"], c.get("server_metrics", {})
             lines.append(f"| {c['cycle']} | {c['corrections']} | {c['status']} | {c['cycle_seconds']} | "
                          f"{cell(w['reliability'])} | {cell(w['generalisation'])} | "
-                         f"{cell(new['reliability'])} | {cell(c['retention'])} | "
+                         f"{cell(new.get('reliability'))} | {cell(c['retention'])} | "
                          f"{cell(c['negative_flips'])} | {cell(w['locality_strict'])} | {cell(w['locality_token'])} | "
                          f"{cell(new.get('neighbour_locality_strict'))} | {cell(new.get('neighbour_bleed'))} | "
                          f"{cell(gate.get('gate_neighbour_locality_strict'))} | {cell(gate.get('gate_neighbour_bleed'))} |")
