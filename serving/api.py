@@ -507,6 +507,7 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
     if isinstance(e, EngineUnavailable):
         return shaped(503, str(e), "server_error", "engine_restarting", headers={"Retry-After": "5"})
     if isinstance(e, EngineError):
+        log.warning("the engine failed: %s (%r)", e, e.__cause__.__cause__ if e.__cause__ else None)
         return shaped(503, f"the engine failed: {e}", "server_error", "engine_error")
     if isinstance(e, OpenAIError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None

@@ -201,6 +201,85 @@ def test_a_running_but_hung_vllm_is_not_alive(monkeypatch):
     assert [engine.alive() for _ in range(3)] == [True, True, False]
 
 
+def _dropping_server(drops: int):
+    """A local HTTP server that reads the first `drops` requests and closes their connection
+    without answering (as vLLM's server closing a reused keep-alive connection), then answers a
+    chat completion; returns (port, the number of requests read so far)."""
+    import json
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    seen = [0]
+    body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "base",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "Paris"}}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+
+    def serve():
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                seen[0] += 1
+                if seen[0] > drops:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], seen
+
+
+@pytest.mark.parametrize("drops, answered", [(1, True), (2, True), (3, False)])
+def test_vllm_asks_again_when_its_connection_is_dropped_before_an_answer(monkeypatch, drops, answered):
+    import openai
+
+    port, seen = _dropping_server(drops)
+    engine = VLLMEngine("unused", VLLMOptions(enable_lora=False))
+    engine.port = port
+    engine._client = openai.OpenAI(base_url=f"{engine.url}/v1", api_key="k", max_retries=0, timeout=10)
+    monkeypatch.setattr(engine, "running", lambda: True)
+    if answered:
+        assert engine.complete([{"role": "user", "content": "Capital of France?"}]).text == "Paris"
+    else:
+        with pytest.raises(EngineError, match="Connection error"):
+            engine.complete([{"role": "user", "content": "Capital of France?"}])
+    assert seen[0] == min(drops + 1, 3)  # the first and at most two more
+
+
+def test_vllm_does_not_ask_again_after_a_timeout_or_once_its_process_is_gone(monkeypatch):
+    import openai
+
+    engine = VLLMEngine("unused", VLLMOptions(enable_lora=False))
+    engine.port = 1
+    engine._client = openai.OpenAI(base_url=f"{engine.url}/v1", api_key="k", max_retries=0)
+    calls = []
+
+    def create(error):
+        def fail(**_):
+            calls.append(error)
+            raise error(request=httpx.Request("POST", engine.url))
+        return fail
+
+    monkeypatch.setattr(engine._client.chat.completions, "create", create(openai.APITimeoutError))
+    monkeypatch.setattr(engine, "running", lambda: True)
+    with pytest.raises(EngineError):
+        engine.complete([{"role": "user", "content": "hi"}])
+    monkeypatch.setattr(engine._client.chat.completions, "create", create(openai.APIConnectionError))
+    monkeypatch.setattr(engine, "running", lambda: False)  # vLLM died: the engine's monitor restarts it
+    with pytest.raises(EngineError):
+        engine.complete([{"role": "user", "content": "hi"}])
+    assert calls == [openai.APITimeoutError, openai.APIConnectionError]
+
+
 def test_vllm_listens_behind_its_own_key_and_its_reserved_arguments_are_refused():
     engine = VLLMEngine("unused")
     engine.port = 1234

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -23,6 +24,12 @@ import httpx
 from agent.protocol import Completion
 from serving.engines import Capabilities, EngineError
 from serving.engines.turns import AdapterTurns
+
+log = logging.getLogger("ratchet.vllm")
+# A pooled connection that vLLM's server closes just as it is reused fails the request before vLLM
+# has read it ("Connection error"; seen twice under load while a merged lane started, ending a
+# benchmark): asking again on a fresh connection is safe, and this many times is enough.
+CONNECTION_RETRIES = 2
 
 BASE = "base"  # the name vLLM serves the model without an adapter under, on loopback only
 
@@ -257,7 +264,7 @@ class VLLMEngine:
 
         pieces, finish, usage = [], "stop", None
         try:
-            chunks = self._client.chat.completions.create(
+            chunks = self._create(
                 model=adapter or BASE, messages=messages, max_tokens=max_tokens, temperature=temperature,
                 stream=True, stream_options={"include_usage": True},
             )
@@ -292,9 +299,8 @@ class VLLMEngine:
             raise EngineError("the vLLM engine is not started")
         try:
             with self._turn(adapter):
-                r = self._client.chat.completions.create(
-                    model=adapter or BASE, messages=messages, max_tokens=max_tokens, temperature=temperature
-                )
+                r = self._create(model=adapter or BASE, messages=messages, max_tokens=max_tokens,
+                                 temperature=temperature)
         except openai.APIError as e:
             raise EngineError(f"vLLM: {e}") from e
         choice = r.choices[0]
@@ -305,6 +311,21 @@ class VLLMEngine:
             finish_reason=choice.finish_reason or "stop",
         )
 
+    def _create(self, **request):
+        """A chat completion (a stream's opening), asked again on a fresh connection when the
+        connection failed (CONNECTION_RETRIES) while vLLM still runs; a timeout is not retried."""
+        import openai
+
+        for attempt in range(CONNECTION_RETRIES + 1):
+            try:
+                return self._client.chat.completions.create(**request)
+            except openai.APITimeoutError:
+                raise
+            except openai.APIConnectionError as e:
+                if attempt == CONNECTION_RETRIES or not self.running():
+                    raise
+                log.warning("vLLM connection failed (%r); asking again", e.__cause__ or e)
+                time.sleep(0.1 * (attempt + 1))
 
     def agreement(self, prompt_ids: list[int], answer_ids: list[int], adapter: str | None = None) -> int:
         """How many of `answer_ids` the model predicts as its top token, teacher-forced after
