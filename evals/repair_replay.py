@@ -74,7 +74,8 @@ def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True,
     after, counts = [], {"q": 0, "p": 0, "n": 0, "partial": 0}
     for a in rows:
         g, shown = a["got"], a["got"]["shown"]
-        b = a["base"] if check else {"q": None, "p": None, "n": [None] * len(g["n"])}
+        b = {"q": a["base"].get("q"), "p": a["base"].get("p"), "n": a["base"].get("n", [None] * len(g["n"]))} \
+            if check else {"q": None, "p": None, "n": [None] * len(g["n"])}
         if same is not None:
             g, shown = _kept(a, *same, counts)
         new = {**g, "q": repair(g["q"], shown["q"], a["question"], threshold, b["q"], probability),
@@ -90,13 +91,16 @@ def replay(results: dict, threshold: float = REPAIR_SCORE, check: bool = True,
 
 def _kept(a: dict, pairs: dict, at: float, counts: dict) -> tuple[dict, dict]:
     """The recorded answers and memories of `a` once the matcher has had its say: an answer whose
-    memories it all rejects becomes the base model's."""
+    memories it all rejects becomes the base model's (stays as recorded, counted `partial`, where
+    the run did not ask the base model: outside a sample)."""
     got, base = a["got"], a["base"]
     texts, memories = [], []
-    for (asked, shown), text, plain in zip(_asked(a), [got["q"], got["p"], *got["n"]], [base["q"], base["p"], *base["n"]]):
+    for (asked, shown), text, plain in zip(_asked(a), [got["q"], got["p"], *got["n"]],
+                                           [base.get("q"), base.get("p"), *base.get("n", [])]):
         keep = [{**m, "same": p} for m in shown if (p := pairs[(asked, m["question"])]) >= at]
-        counts["partial"] += 0 < len(keep) < len(shown)
-        texts.append(plain if shown and not keep else text)
+        rejected = bool(shown) and not keep
+        counts["partial"] += 0 < len(keep) < len(shown) or (rejected and plain is None)
+        texts.append(plain if rejected and plain is not None else text)
         memories.append(keep)
     return ({**got, "q": texts[0], "p": texts[1], "n": texts[2:]},
             {"q": memories[0], "p": memories[1], "n": memories[2:]})

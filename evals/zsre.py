@@ -36,6 +36,7 @@ from trainer.neighbours import first_per_subject, neighbour_questions, neighbour
 # No `user` field: on a server without keys the caller is the trusted local user, whose
 # corrections enter the shared adapter; on a keyed server the key names the user.
 MAX_TOKENS = 32
+FIRST_ANSWER_TOKENS = 8
 # Which dev records a run may use: thresholds and prompts are tuned only on `tune`; figures are
 # reported on `report`, never tuned on (0-based, end exclusive: records 1-2000 and 2001-3783).
 SPLITS = {"tune": (0, 2000), "report": (2000, 3783)}
@@ -87,9 +88,9 @@ class Client:
         self.chat_ms: list[float] = []
         self.retrieval_ms: list[float] = []
 
-    def ask(self, question: str, model: str, memory: bool) -> dict:
+    def ask(self, question: str, model: str, memory: bool, max_tokens: int = MAX_TOKENS) -> dict:
         started = time.perf_counter()
-        reply = self.api.chat(question, model=model, memory=memory, max_tokens=MAX_TOKENS, temperature=0)
+        reply = self.api.chat(question, model=model, memory=memory, max_tokens=max_tokens, temperature=0)
         self.chat_ms.append((time.perf_counter() - started) * 1000)
         shown = reply.get("ratchet", {}).get("memories", [])
         if memory:
@@ -287,8 +288,13 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
 
     with progress:
         if base is None:
+            # asked only what is measured in full: elsewhere its answers would give nothing but the
+            # base's reliability on all N, at a tenth of an N=1000 run's wall time
+            base = [{} for _ in records]
             with phase("base model"):
-                base = answers(client, asked, "ratchet-base", False, progress, "base model")
+                for i, b in zip(measured, answers(client, [asked[i] for i in measured], "ratchet-base", False,
+                                                  progress, "base model")):
+                    base[i] = b
         memory_tier: list[dict] = [None] * len(records)
         cycles = []
         previous_weights: dict[int, bool] = {}
@@ -297,7 +303,8 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
 
             def teach(i: int) -> dict:
                 r = records[i]
-                first = client.ask(r["question"], "ratchet", True)
+                # the answer the user corrects: its text is not scored, so a few tokens of it will do
+                first = client.ask(r["question"], "ratchet", True, max_tokens=FIRST_ANSWER_TOKENS)
                 client.correct(first["id"], correction_text(r, corrections))
                 return ask_all(client, asked[i], "ratchet", True)
 
@@ -379,7 +386,6 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
     summary["memory_tier_at_once"] = score(on, [memory_tier[i] for i in measured], [base[i] for i in measured])
     if len(measured) < len(records):  # the question and paraphrase were asked of every record
         summary["memory_tier_at_once_all"] = score(records, memory_tier, base)
-        summary["base_all"] = score(records, base, base)
     return {
         "summary": summary,
         "cycles": cycles,

@@ -71,6 +71,7 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     # records 1 and 3 are measured in full: cycle 1 asks record 1, cycle 2 records 1 and 3
     assert results["sample"] == 2 and [c["measured"] for c in results["cycles"]] == [1, 2]
     assert {"base model", "consolidation (training and gate)"} <= results["phases_seconds"].keys()
+    assert results["memory_tier_answers"][1]["base"] == {}  # the base model is asked only what is measured in full
     assert "## Where the wall time went" in (out / "report.md").read_text()
     assert "memory_tier_at_once_all" in results["summary"] and "all N" in (out / "report.md").read_text()
     assert results["cycles"][1]["retention"] is not None
