@@ -17,7 +17,7 @@ from memory.text import is_correct, normalise
 from trainer.anchors import PROBE_PROMPTS
 from trainer.dataset import messages_of
 from trainer.evaluate import agreement, generate
-from trainer.neighbours import neighbour_scores, subject_of, template_neighbours
+from trainer.neighbours import first_per_subject, neighbour_scores, subject_of, template_neighbours
 
 # A rephrasing never used in training: the gate's stand-in for a user's paraphrase.
 HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
@@ -125,16 +125,9 @@ def memory_probes(new: list[Correction]) -> list[tuple[Correction, str]]:
 def neighbour_probes(new: list[Correction], corrections: int, templates: int) -> list[tuple[Correction, str]]:
     """Template neighbour questions about the subjects (trainer.neighbours.subject_of) of up to
     `corrections` new corrections, each with its correction; a subject is probed once."""
-    out, seen = [], set()
-    for c in new:
-        subject = subject_of(c.question)
-        if subject is None or normalise(subject) in seen:
-            continue
-        seen.add(normalise(subject))
-        out += [(c, q) for q in template_neighbours(subject, templates)]
-        if len(seen) == corrections:
-            break
-    return out
+    subjects = [subject_of(c.question) for c in new]
+    firsts = sorted(first_per_subject([s or "" for s in subjects], {i for i, s in enumerate(subjects) if s}))
+    return [(new[i], q) for i in firsts[:corrections] for q in template_neighbours(subjects[i], templates)]
 
 
 def saved_answers(folder: str | Path, max_new_tokens: int) -> dict[str, str]:
