@@ -507,7 +507,8 @@ def _error_body(e: Exception) -> tuple[int, dict, dict]:
     if isinstance(e, EngineUnavailable):
         return shaped(503, str(e), "server_error", "engine_restarting", headers={"Retry-After": "5"})
     if isinstance(e, EngineError):
-        log.warning("the engine failed: %s (%r)", e, e.__cause__.__cause__ if e.__cause__ else None)
+        if e.__cause__ is not None:  # a failure below the engine (not a refusal of its own): why
+            log.warning("the engine failed: %s (%r)", e, e.__cause__.__cause__ or e.__cause__)
         return shaped(503, f"the engine failed: {e}", "server_error", "engine_error")
     if isinstance(e, OpenAIError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
