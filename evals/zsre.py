@@ -192,9 +192,12 @@ def token_locality(client: Client, records: list[dict], base: list[dict], model:
         pairs_in = [(q, a) for r, b in zip(records, base) for q, a in zip(r.get("neighbours", []), b.get("n", []))]
     else:
         pairs_in = [(r["locality_question"], b["l"]) for r, b in zip(records, base) if "l" in b]
+    if not pairs_in:
+        return 1.0
     deadline = time.monotonic() + wait
     while True:
         try:
+            client.agreement(*pairs_in[0], model)  # one request, not all of them, while a lane may be starting
             pairs = client.map(lambda qa: client.agreement(qa[0], qa[1], model), pairs_in, progress,
                                "token-level locality" + (" (neighbours)" if neighbours else ""))
             break
