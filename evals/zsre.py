@@ -563,7 +563,8 @@ def write_report(results: dict, output: Path) -> None:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in cycles:
             w, new, gate = c["weights"], c["weights_new"], c.get("server_metrics", {})
-            lines.append(f"| {c['cycle']} | {c['corrections']} | {c['status']} | {c['cycle_seconds']} | "
+            status = c["status"] + (" after a retry" if "retried_after" in gate else "")
+            lines.append(f"| {c['cycle']} | {c['corrections']} | {status} | {c['cycle_seconds']} | "
                          f"{cell(w['reliability'])} | {cell(w['generalisation'])} | "
                          f"{cell(new.get('reliability'))} | {cell(c['retention'])} | "
                          f"{cell(c['negative_flips'])} | {cell(w['locality_strict'])} | {cell(w['locality_token'])} | "

@@ -461,6 +461,31 @@ def test_a_second_cycle_continues_the_active_adapter_with_replay(memory, tiny_mo
     assert registry.get(2).parent == 1
 
 
+def test_a_candidate_that_forgot_is_trained_again_with_every_earlier_correction_replayed(
+        memory, tiny_model, tmp_path, monkeypatch):
+    from trainer import cycle as cycle_module
+    from trainer.gate import GateReport
+
+    verdicts = [[], ["negative_flips 0.050 not <= 0.02"], [], ["efficacy 0.000 not >= 0.9"]]
+    monkeypatch.setattr(cycle_module, "run_gate", lambda *a, **k: GateReport(
+        not (reasons := verdicts.pop(0)), reasons, {}, 0.0))
+    registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, replay_earlier=0),
+                    tmp_path, on_promote=lambda a: registry.activate(a.version))
+    memory.add_correction(Q, "Illinois Institute of Technology")
+    assert cycles.wait(cycles.submit())["status"] == "succeeded"
+    memory.add_correction("Which family does Ramalinaceae belong to?", "Lecanorales")
+    row = cycles.wait(cycles.submit())
+    assert row["status"] == "succeeded" and row["adapter_version"] == 3, row
+    assert row["metrics"]["retried_after"] == "ratchet-v2: negative_flips 0.050 not <= 0.02"
+    assert registry.get(2).status == "rejected" and registry.active().version == 3 and registry.get(3).parent == 1
+    plans = [json.loads((registry.folder_for(v) / "ratchet.json").read_text())["plan"] for v in (2, 3)]
+    assert [p["replayed_earlier"] for p in plans] == [0, 1]
+    # rejected for anything else: not trained again
+    memory.add_correction("Where was Person 5 born?", "Oss")
+    assert cycles.wait(cycles.submit())["status"] == "rejected" and registry.next_version() == 5
+
+
 def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_model, tmp_path):
     from trainer.gate import GateConfig
 

@@ -25,7 +25,7 @@ from memory import Correction, Memory
 from memory.db import atomic, now
 from trainer.anchors import BUILT_IN_ANCHORS, base_answers
 from trainer.dataset import TEMPLATES, Example, examples_for, memory_examples
-from trainer.gate import GateConfig, GateReport, run_gate
+from trainer.gate import FORGETTING, GateConfig, GateReport, run_gate
 from trainer.lora import TrainingConfig, train_lora
 from trainer.neighbours import ANCHOR_TEMPLATES, anchor_questions
 from trainer.registry import AdapterRegistry, AdapterStatus, AdapterVersion
@@ -69,6 +69,9 @@ class CycleConfig:
     # Examples that keep the adapter reading retrieved memories (dataset.memory_examples): one per
     # new correction (per live correction when retraining from the base).
     memory_examples: bool = True
+    # A candidate the gate rejects for forgetting alone (retention, negative flips) is trained once
+    # more from the same start with every earlier correction replayed; the first stays, rejected.
+    retry_forgetting: bool = True
     gate_enabled: bool = True
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -186,12 +189,14 @@ class Cycles:
         with atomic(self.db):
             self.db["cycles"].update(cycle_id, fields)
 
-    def plan(self, corrections: list[Correction], new: list[Correction]) -> tuple[list[Example], dict]:
+    def plan(self, corrections: list[Correction], new: list[Correction],
+             replay_all: bool = False) -> tuple[list[Example], dict]:
         """The training set of a cycle, and where training starts.
 
-        Continuing the active adapter: the new corrections, a sample of earlier ones (replay), and
-        the anchors. From the base model (no active adapter, continuation off, or a consolidated
-        correction retracted since the active version was made): every live correction + anchors.
+        Continuing the active adapter: the new corrections, a sample of earlier ones (replay;
+        `replay_all`: every one), and the anchors. From the base model (no active adapter,
+        continuation off, or a consolidated correction retracted since the active version was
+        made): every live correction + anchors.
         """
         cfg = self.config
         templates = TEMPLATES[: cfg.templates]
@@ -205,7 +210,7 @@ class Cycles:
             replayed = 0
         else:
             rng = random.Random(cfg.training.seed + len(corrections))
-            k = min(len(earlier), round(cfg.replay_earlier * len(new)))
+            k = len(earlier) if replay_all else min(len(earlier), round(cfg.replay_earlier * len(new)))
             replay = rng.sample(earlier, k) if k else []
             examples = examples_for(new, templates) + examples_for(replay, templates[:1])
             replayed = len(replay)
@@ -244,6 +249,8 @@ class Cycles:
             self._train(cycle)
             self._judge(cycle)
             adapter = self._register(cycle)
+            if self._forgot(cycle):
+                adapter = self._retry(cycle, adapter)
             if cycle.gate is not None and not cycle.gate.passed:
                 self._reject(cycle, adapter)
             else:
@@ -318,6 +325,24 @@ class Cycles:
         )
         cycle.metrics["cycle_seconds"] = round(time.monotonic() - cycle.started, 2)
         return adapter
+
+    def _forgot(self, cycle: _Cycle) -> bool:
+        """Rejected for forgetting alone, with earlier corrections left out of its replay."""
+        return (self.config.retry_forgetting and cycle.gate is not None and not cycle.gate.passed
+                and cycle.plan["start"] == "active"
+                and cycle.plan["replayed_earlier"] < sum(c.consolidated_in is not None for c in cycle.corrections)
+                and all(r.split()[0] in FORGETTING for r in cycle.gate.reasons))
+
+    def _retry(self, cycle: _Cycle, rejected: AdapterVersion) -> AdapterVersion:
+        """The next version, trained from the same start with every earlier correction replayed."""
+        why = f"{rejected.name}: " + "; ".join(cycle.gate.reasons)
+        self._update(cycle.id, message=f"gate rejected {why}; training again, every earlier correction replayed")
+        cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new, replay_all=True)
+        self._update(cycle.id, n_examples=len(cycle.examples))
+        self._train(cycle)
+        self._judge(cycle)
+        cycle.metrics["retried_after"] = why
+        return self._register(cycle)
 
     def _reject(self, cycle: _Cycle, adapter: AdapterVersion) -> None:
         self._finish(cycle, CycleStatus.REJECTED, f"gate rejected {adapter.name}: " + "; ".join(cycle.gate.reasons),

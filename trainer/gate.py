@@ -24,6 +24,8 @@ HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
 # A candidate's greedy answers to its corrections' questions, kept in its folder: when it is the
 # active version, the next gate's reference answers (not generated again).
 ANSWERS_FILE = "gate_answers.json"
+# The checks that fail when a candidate has lost earlier corrections (trainer.cycle retries those).
+FORGETTING = ("retention", "negative_flips")
 
 
 @dataclass
