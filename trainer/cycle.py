@@ -297,10 +297,9 @@ class Cycles:
         """The gate's verdict on the candidate (none when the gate is off)."""
         if self.config.gate_enabled:
             self._update(cycle.id, progress=self._train_share(), message="gate: evaluating the candidate")
-            earlier = [c for c in cycle.corrections if c.consolidated_in is not None]
             parent = cycle.parent.path if cycle.parent else None
             cycle.gate = run_gate(self.base_model, self.registry.folder_for(cycle.version), parent, cycle.new,
-                                  earlier, self.config.gate)
+                                  cycle.earlier, self.config.gate)
             cycle.metrics.update({f"gate_{k}": v for k, v in cycle.gate.metrics.items()})
             cycle.metrics["gate_seconds"] = cycle.gate.seconds
         cycle.metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -330,7 +329,7 @@ class Cycles:
         """Rejected for forgetting alone, with earlier corrections left out of its replay."""
         return (self.config.retry_forgetting and cycle.gate is not None and not cycle.gate.passed
                 and cycle.plan["start"] == "active"
-                and cycle.plan["replayed_earlier"] < sum(c.consolidated_in is not None for c in cycle.corrections)
+                and cycle.plan["replayed_earlier"] < len(cycle.earlier)
                 and all(r.split()[0] in FORGETTING for r in cycle.gate.reasons))
 
     def _retry(self, cycle: _Cycle, rejected: AdapterVersion) -> AdapterVersion:
@@ -388,3 +387,8 @@ class _Cycle:
     parent: AdapterVersion | None = None  # the version active when training ended
     metrics: dict = field(default_factory=dict)
     gate: GateReport | None = None
+
+    @property
+    def earlier(self) -> list[Correction]:
+        """The corrections consolidated by earlier cycles."""
+        return [c for c in self.corrections if c.consolidated_in is not None]
