@@ -427,7 +427,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
             "memory_use": sum(is_correct(r["answer"], a) for r, a in zip(unseen + unseen, answers_m)) / len(answers_m),
             "base_memory_use": base_memory_use,
             "gate": gate,
-            "default_gate_failures": GateConfig().failures(gate),
+            "default_gate_failures": list(GateConfig().failures(gate).values()),
             "neighbours": neighbour_figures(model, tok, memory, batch, answers_p),
         })
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

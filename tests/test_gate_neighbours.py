@@ -22,13 +22,14 @@ def test_neighbour_probes_ask_about_each_new_subject_once():
 
 def test_the_gate_rejects_bleed_and_damaged_neighbours_and_judges_them_only_when_probed():
     assert GateConfig().failures({**OK, "n_neighbours": 8, "neighbour_bleed": 0.75,
-                                  "neighbour_locality_token": 0.2}) == []  # by default: reported, not judged
+                                  "neighbour_locality_token": 0.2}) == {}  # by default: reported, not judged
     gate = GateConfig(max_neighbour_bleed=0.5, min_neighbour_locality=0.5)
     fine = {**OK, "n_neighbours": 8, "neighbour_bleed": 0.0, "neighbour_locality_token": 0.9}
-    assert gate.failures(fine) == []
-    assert gate.failures({**fine, "neighbour_bleed": 0.75}) == ["neighbour_bleed 0.750 not <= 0.5"]
-    assert gate.failures({**fine, "neighbour_locality_token": 0.2}) == ["neighbour_locality_token 0.200 not >= 0.5"]
-    assert gate.failures({**OK, "n_neighbours": 0, "neighbour_bleed": None, "neighbour_locality_token": None}) == []
+    assert gate.failures(fine) == {}
+    assert gate.failures({**fine, "neighbour_bleed": 0.75}) == {"neighbour_bleed": "neighbour_bleed 0.750 not <= 0.5"}
+    assert gate.failures({**fine, "neighbour_locality_token": 0.2}) == {
+        "neighbour_locality_token": "neighbour_locality_token 0.200 not >= 0.5"}
+    assert gate.failures({**OK, "n_neighbours": 0, "neighbour_bleed": None, "neighbour_locality_token": None}) == {}
 
 
 def test_the_gate_rejects_a_candidate_that_leaks_the_correction_into_its_neighbours(tiny_model, tmp_path, monkeypatch):

@@ -466,9 +466,10 @@ def test_a_candidate_that_forgot_is_trained_again_with_every_earlier_correction_
     from trainer import cycle as cycle_module
     from trainer.gate import GateReport
 
-    verdicts = [[], ["negative_flips 0.050 not <= 0.02"], [], ["efficacy 0.000 not >= 0.9"]]
+    verdicts = [{}, {"negative_flips": "negative_flips 0.050 not <= 0.02"}, {},
+                {"efficacy": "efficacy 0.000 not >= 0.9"}]
     monkeypatch.setattr(cycle_module, "run_gate", lambda *a, **k: GateReport(
-        not (reasons := verdicts.pop(0)), reasons, {}, 0.0))
+        not (failed := verdicts.pop(0)), failed, {}, 0.0))
     registry = AdapterRegistry(memory.db, tmp_path / "adapters")
     cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, replay_earlier=0),
                     tmp_path, on_promote=lambda a: registry.activate(a.version))
@@ -536,9 +537,9 @@ def test_the_gate_judges_memory_following_against_the_base_model_from_enough_pro
     ok = {"efficacy": 1.0, "paraphrase": 1.0, "retention": 1.0, "n_earlier": 0, "locality_token": 0.9,
           "negative_flips": 0.0, "base_memory_followed": 0.7}
     gate = GateConfig()
-    assert gate.failures({**ok, "memory_followed": 0.6, "n_memory_probes": 32}) == []
-    assert gate.failures({**ok, "memory_followed": 0.5, "n_memory_probes": 32}) == ["memory_followed 0.500 not >= 0.55"]
-    assert gate.failures({**ok, "memory_followed": 0.0, "n_memory_probes": 4}) == []  # too few to judge
+    assert gate.failures({**ok, "memory_followed": 0.6, "n_memory_probes": 32}) == {}
+    assert gate.failures({**ok, "memory_followed": 0.5, "n_memory_probes": 32}) == {"memory_followed": "memory_followed 0.500 not >= 0.55"}
+    assert gate.failures({**ok, "memory_followed": 0.0, "n_memory_probes": 4}) == {}  # too few to judge
 
 
 def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, monkeypatch):

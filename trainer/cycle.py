@@ -272,14 +272,15 @@ class Cycles:
         cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new)
         self._update(cycle.id, n_corrections=len(cycle.new), n_examples=len(cycle.examples), message="training")
 
-    def _train(self, cycle: _Cycle) -> None:
-        """Train the candidate into the next version's folder; its progress is the cycle's."""
+    def _train(self, cycle: _Cycle, doing: str = "training") -> None:
+        """Train the candidate into the next version's folder; its progress is the cycle's
+        (a retry's starts again from 0, its message says so: `doing`)."""
         cycle.version = self.registry.next_version()
         share = self._train_share()
 
         def progress(step: int, total: int, loss: float) -> None:
             self._update(cycle.id, progress=round(share * step / total, 4),
-                         message=f"training step {step}/{total} loss {loss:.3f}")
+                         message=f"{doing} step {step}/{total} loss {loss:.3f}")
 
         result = train_lora(self.base_model, cycle.examples, self.registry.folder_for(cycle.version),
                             self.config.training, progress, init_adapter=cycle.plan["init_adapter"],
@@ -330,7 +331,7 @@ class Cycles:
         return (self.config.retry_forgetting and cycle.gate is not None and not cycle.gate.passed
                 and cycle.plan["start"] == "active"
                 and cycle.plan["replayed_earlier"] < len(cycle.earlier)
-                and all(r.split()[0] in FORGETTING for r in cycle.gate.reasons))
+                and cycle.gate.failed.keys() <= FORGETTING)
 
     def _retry(self, cycle: _Cycle, rejected: AdapterVersion) -> AdapterVersion:
         """The next version, trained from the same start with every earlier correction replayed."""
@@ -338,7 +339,7 @@ class Cycles:
         self._update(cycle.id, message=f"gate rejected {why}; training again, every earlier correction replayed")
         cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new, replay_all=True)
         self._update(cycle.id, n_examples=len(cycle.examples))
-        self._train(cycle)
+        self._train(cycle, doing=f"training again (after {rejected.name})")
         self._judge(cycle)
         cycle.metrics["retried_after"] = why
         return self._register(cycle)

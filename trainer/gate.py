@@ -25,7 +25,7 @@ HELD_OUT_TEMPLATE = "Tell me, {q_lower}"
 # active version, the next gate's reference answers (not generated again).
 ANSWERS_FILE = "gate_answers.json"
 # The checks that fail when a candidate has lost earlier corrections (trainer.cycle retries those).
-FORGETTING = ("retention", "negative_flips")
+FORGETTING = frozenset({"retention", "negative_flips"})
 
 
 @dataclass
@@ -71,8 +71,8 @@ class GateConfig:
             raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens}): "
                              "the gate judges generated answers")
 
-    def failures(self, metrics: dict) -> list[str]:
-        """Why a candidate with these gate metrics fails (empty: it passes)."""
+    def failures(self, metrics: dict) -> dict[str, str]:
+        """The checks a candidate with these gate metrics fails, each with why (empty: it passes)."""
         checks = [
             ("efficacy", self.min_efficacy, ">="),
             ("paraphrase", self.min_paraphrase, ">="),
@@ -86,26 +86,30 @@ class GateConfig:
         if metrics.get("n_memory_probes", 0) >= self.min_memory_probes:
             floor = round(metrics["base_memory_followed"] - self.max_memory_drop, 4)
             checks.append(("memory_followed", floor, ">="))
-        reasons = []
+        failed = {}
         for name, bound, op in checks:
             value = metrics[name]
             if name == "retention" and not metrics["n_earlier"]:
                 continue
             if not (value >= bound if op == ">=" else value <= bound):
-                reasons.append(f"{name} {value:.3f} not {op} {bound}")
-        return reasons
+                failed[name] = f"{name} {value:.3f} not {op} {bound}"
+        return failed
 
 
 @dataclass
 class GateReport:
     passed: bool
-    reasons: list[str]
+    failed: dict[str, str]  # the checks failed (GateConfig.failures), each with why
     metrics: dict
     seconds: float
     examples: list[dict] = field(default_factory=list)
 
+    @property
+    def reasons(self) -> list[str]:
+        return list(self.failed.values())
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "reasons": self.reasons}
 
 
 def held_out(question: str) -> str:
@@ -223,7 +227,7 @@ def run_gate(
     base_near, cand_near = answers_of("base", [q for _, q in near]), answers_of("candidate", [q for _, q in near])
     metrics.update(neighbour_scores([c.answer for c, _ in near], base_near, cand_near))
     metrics["neighbour_locality_token"] = round(agreement(model, tok, [q for _, q in near], base_near), 4) if near else None
-    reasons = config.failures(metrics)
+    failed = config.failures(metrics)
     samples = [{"question": c.question, "expected": c.answer, "candidate": a} for c, a in zip(new[:5], cand_new)]
     samples += [{"probe": p, "base": b, "candidate": a} for p, b, a in list(zip(probes, base_probes, cand_probes))[:5]]
-    return GateReport(not reasons, reasons, metrics, round(time.monotonic() - started, 2), samples)
+    return GateReport(not failed, failed, metrics, round(time.monotonic() - started, 2), samples)
