@@ -160,7 +160,8 @@ def answers(client: Client, records: list[dict], model: str, memory: bool, progr
 def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
     """Reliability, generalisation and locality (strict, on the unrelated question and on the
     neighbours) and bleed; with memory, how many misses had no memory of their fact retrieved
-    (retrieval misses) and how many were shown it and answered otherwise (ignored)."""
+    (retrieval misses) and how many were shown it and answered otherwise (ignored), and how many
+    changed neighbour answers were shown a memory (it reached a question it does not answer) or none."""
     n = len(records) or 1
     out = {
         "reliability": sum(gives(r["answer"], g["q"]) for r, g in zip(records, got)) / n,
@@ -180,6 +181,9 @@ def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
             misses = [(r, g) for r, g in zip(records, got) if not gives(r["answer"], g[k])]
             found = [any(gives(r["answer"], m["answer"]) for m in g["shown"][k]) for r, g in misses]
             out[f"{name}_misses"] = {"retrieval": found.count(False), "ignored": found.count(True)}
+        shown = [bool(m) for r, g, b in zip(records, got, base)
+                 for bn, gn, m in zip(b.get("n", []), g.get("n", []), g["shown"].get("n", [])) if bn != gn]
+        out["neighbour_changes"] = {"memory_shown": shown.count(True), "none_shown": shown.count(False)}
     return out
 
 
@@ -567,6 +571,10 @@ def write_report(results: dict, output: Path) -> None:
         q, p = at_once["question_misses"], at_once["paraphrase_misses"]
         lines += ["", f"Memory tier misses: question {q['retrieval']} with no memory of the fact retrieved, "
                       f"{q['ignored']} shown it and answering otherwise; paraphrase {p['retrieval']} and {p['ignored']}."]
+        if "neighbour_changes" in at_once:
+            c = at_once["neighbour_changes"]
+            lines += ["", f"Neighbour answers the memory tier changed: {c['memory_shown']} shown a memory (retrieval "
+                          f"reached a question it does not answer), {c['none_shown']} shown none."]
     if cycles:
         lines += ["", "## Per cycle (weights tier: `\"memory\": false`)", "",
                   "| cycle | corrections | status | cycle s | reliability | generalisation | new: reliability | "

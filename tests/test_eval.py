@@ -175,9 +175,13 @@ def test_the_bench_counts_neighbours_a_fake_adapter_changed_and_answers_that_lea
     s = score(records, adapted, base)
     assert (s["reliability"], s["generalisation"], s["locality_strict"]) == (1.0, 0.5, 1.0)
     assert s["neighbour_locality_strict"] == 1 / 3 and s["neighbour_bleed"] == 1 / 3 and s["n_neighbours"] == 3
-    shown = [{"q": [], "p": [{"score": 0.9, "answer": "Tours"}]}, {"q": [], "p": []}]
+    shown = [{"q": [], "p": [{"score": 0.9, "answer": "Tours"}], "n": [[], []]}, {"q": [], "p": [], "n": [[]]}]
     s = score(records, [{**g, "shown": m} for g, m in zip(adapted, shown)], base)
     assert s["paraphrase_misses"] == {"retrieval": 0, "ignored": 1}  # shown Tours, answered Paris
+    assert s["neighbour_changes"] == {"memory_shown": 0, "none_shown": 2}
+    shown[0]["n"] = [[], [{"score": 0.8, "answer": "Tours"}]]  # the leaked one was shown the correction
+    s = score(records, [{**g, "shown": m} for g, m in zip(adapted, shown)], base)
+    assert s["neighbour_changes"] == {"memory_shown": 1, "none_shown": 1}
 
 
 def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reused(tmp_path):
