@@ -23,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -245,7 +246,10 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
     records = with_neighbours(load_records(n, data, split), all_records(data), neighbours, full)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    # each cycle's figures as it ends, so that a run stopped before its end keeps what it measured
+    so_far = output / "cycles-so-far.json"
     options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all", full=full,
+                   on_cycle=lambda partial: so_far.write_text(json.dumps(partial, indent=1)),
                    base=earlier_base(base_from, records) if base_from else None)
     if url is None:
         data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
@@ -288,7 +292,8 @@ def earlier_base(path: Path, records: list[dict]) -> list[dict]:
 
 
 def _run(client: Client, records: list[dict], k: int, corrections: str = "short", consolidate: bool = True,
-         lane_wait: float = 0.0, base: list[dict] | None = None, full: set[int] | None = None) -> dict:
+         lane_wait: float = 0.0, base: list[dict] | None = None, full: set[int] | None = None,
+         on_cycle: Callable[[dict], None] = lambda partial: None) -> dict:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     full = set(range(len(records))) if full is None else full
@@ -382,6 +387,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                         neighbours=True)
             previous_weights, last_weights = right_now, weights
             cycles.append(row)
+            on_cycle({"cycles": cycles, "phases_seconds": phases})
             console.print(f"cycle {c}: {cycle['status']} in {cycle_seconds:.0f} s; weights reliability "
                           f"{row['weights']['reliability']:.2f}, generalisation {row['weights']['generalisation']:.2f}, "
                           f"locality {row['weights']['locality_strict']}/{row['weights']['locality_token']}")

@@ -68,6 +68,8 @@ def test_eval_zsre_runs_end_to_end_and_writes_its_report(tmp_path, base_model, m
     assert results["first_record"] == "zsre-dev-02001" and results["neighbours_per_record"] == 2
     assert 0.0 <= results["summary"]["memory_tier_at_once"]["neighbour_bleed"] <= 1.0
     assert [c["cycle"] for c in results["cycles"]] == [1, 2]
+    # each cycle was written as it ended: a run stopped early keeps them
+    assert json.loads((out / "cycles-so-far.json").read_text())["cycles"] == results["cycles"]
     # records 1 and 3 are measured in full: cycle 1 asks record 1, cycle 2 records 1 and 3
     assert results["sample"] == 2 and [c["measured"] for c in results["cycles"]] == [1, 2]
     assert {"base model", "consolidation (training and gate)"} <= results["phases_seconds"].keys()
