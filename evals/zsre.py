@@ -182,7 +182,7 @@ def score(records: list[dict], got: list[dict], base: list[dict]) -> dict:
             misses = [(r, g) for r, g in zip(records, got) if not gives(r["answer"], g[k])]
             found = [any(gives(r["answer"], m["answer"]) for m in g["shown"][k]) for r, g in misses]
             out[f"{name}_misses"] = {"retrieval": found.count(False), "ignored": found.count(True)}
-        shown = [bool(m) for r, g, b in zip(records, got, base)
+        shown = [bool(m) for g, b in zip(got, base)
                  for bn, gn, m in zip(b.get("n", []), g.get("n", []), g["shown"].get("n", [])) if bn != gn]
         out["neighbour_changes"] = {"memory_shown": shown.count(True), "none_shown": shown.count(False)}
     return out
