@@ -345,6 +345,7 @@ def run_cycles(name: str, n: int, cycles: int, base: str, out: Path) -> dict:
         anchor_prompts=anchor_prompts(v, records),
         anchor_tokens=v["anchor_tokens"] or 16,
         replay_earlier=1.0 if replay else 0.0,
+        replay_at_least=0,  # the recorded variants replay per new correction only
         memory_examples=False,
         # every candidate is promoted, so that the next cycle continues from it; the verdict of
         # the default thresholds is reported

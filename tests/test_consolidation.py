@@ -30,7 +30,7 @@ def test_the_gate_promotes_a_good_candidate_and_rejects_a_harmful_one(memory, ba
 
     # Harmful: no replay, a learning rate far too high, trained long on a false "fact".
     memory.add_correction(*HARMFUL)
-    cycles.config = replace(config, anchors=False, replay_earlier=0.0,
+    cycles.config = replace(config, anchors=False, replay_earlier=0.0, replay_at_least=0,
                             training=replace(config.training, learning_rate=1e-2, epochs=12))
     second = cycles.wait(cycles.submit(), timeout=1200)
     print("cycle 2:", json.dumps(second["metrics"]))

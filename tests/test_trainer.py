@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,6 @@ def test_anchors_are_distilled_from_the_base_and_corrections_use_cross_entropy(t
 
 
 def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
-    from dataclasses import replace
 
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(10)]
@@ -125,7 +125,6 @@ def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
 
 
 def test_pinned_anchors_are_trained_every_epoch_not_drawn_in_turn(tiny_model, tmp_path):
-    from dataclasses import replace
 
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
     examples += [Example(f"Say the number {i}.", str(i), distill=True) for i in range(10)]
@@ -180,7 +179,6 @@ def test_the_anchors_reference_is_cached_across_trainings(tiny_model, tmp_path):
 
 
 def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_path):
-    from dataclasses import replace
 
     import torch
 
@@ -208,7 +206,6 @@ def test_the_frozen_states_of_a_training_are_kept_for_the_next(tiny_model, tmp_p
 
 
 def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(tiny_model, tmp_path):
-    from dataclasses import replace
 
     from trainer.fastforward import FastForward
 
@@ -222,12 +219,11 @@ def test_steps_that_start_above_the_frozen_layers_train_as_the_whole_model_does(
     split = train_lora(tiny_model, examples, tmp_path / "a", upper)
     whole = train_lora(tiny_model, examples, tmp_path / "b", whole_rows)
     assert split.steps == whole.steps == 4
-    assert split.losses == pytest.approx(whole.losses, rel=1e-4)
+    assert split.losses == pytest.approx(whole.losses, rel=1e-4, abs=1e-6)  # later losses are ~1e-8: float noise
 
 
 @pytest.mark.parametrize("layers_from", [0.0, 0.5])
 def test_the_shared_opening_runs_once_and_trains_as_whole_rows_do(tiny_model, tmp_path, layers_from):
-    from dataclasses import replace
 
     from trainer.fastforward import FastForward
 
@@ -288,7 +284,6 @@ def test_greedy_answers_after_a_shared_opening_are_transformers_own(which, reque
 def test_a_decoder_of_another_shape_trains_and_answers_without_the_shortcuts(base_model, tmp_path):
     """GPT-2 names its layers `h` and its norm `ln_f`: no frozen layers, no shared opening, and
     transformers' own generate."""
-    from dataclasses import replace
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -459,6 +454,16 @@ def test_a_second_cycle_continues_the_active_adapter_with_replay(memory, tiny_mo
     assert plan["start"] == "active" and plan["init_adapter"] == str(registry.folder_for(1))
     assert plan["replayed_earlier"] == 1 and plan["correction_examples"] == 3  # 2 phrasings + 1 replayed
     assert registry.get(2).parent == 1
+    # replayed: replay_earlier per new correction, at least replay_at_least, at most all earlier ones
+    memory.add_correction("Where was Person 5 born?", "Oss")
+    default = cycles.config
+
+    def replayed(**changes) -> int:
+        cycles.config = replace(default, **changes)
+        return cycles.plan(cycles.corrections(), cycles.pending())[1]["replayed_earlier"]
+
+    assert [replayed(replay_earlier=0, replay_at_least=n) for n in (0, 1, 512)] == [0, 1, 2]
+    assert replayed(replay_earlier=1, replay_at_least=0) == 1
 
 
 def test_a_candidate_that_forgot_is_trained_again_with_every_earlier_correction_replayed(
@@ -471,7 +476,8 @@ def test_a_candidate_that_forgot_is_trained_again_with_every_earlier_correction_
     monkeypatch.setattr(cycle_module, "run_gate", lambda *a, **k: GateReport(
         not (failed := verdicts.pop(0)), failed, {}, 0.0))
     registry = AdapterRegistry(memory.db, tmp_path / "adapters")
-    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, replay_earlier=0),
+    cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, replay_earlier=0,
+                                                              replay_at_least=0),
                     tmp_path, on_promote=lambda a: registry.activate(a.version))
     memory.add_correction(Q, "Illinois Institute of Technology")
     assert cycles.wait(cycles.submit())["status"] == "succeeded"
@@ -574,6 +580,7 @@ def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, m
     (lambda: CycleConfig(templates=0), "templates must be between 1 and 4"),
     (lambda: CycleConfig(templates=5), "templates must be between 1 and 4"),
     (lambda: CycleConfig(replay_earlier=-1), "replay_earlier must not be negative"),
+    (lambda: CycleConfig(replay_at_least=-1), "replay_at_least must not be negative"),
     (lambda: CycleConfig(anchor_tokens=0), "anchor_tokens must be at least 1"),
     (lambda: CycleConfig(neighbour_anchors=7), "neighbour_anchors must be between 0 and 6"),
     (lambda: GateConfig(earlier_probes=-1), "earlier_probes must not be negative"),
@@ -584,7 +591,6 @@ def test_a_config_that_cannot_work_is_refused_when_made(make, message):
 
 
 def test_a_gate_config_takes_shares_and_counts():
-    from dataclasses import replace
 
     from trainer.gate import GateConfig
 

@@ -66,6 +66,10 @@ class CycleConfig:
     # Earlier corrections replayed per new one, when continuing, so that they are not forgotten
     # (see reports/consolidation/report.md).
     replay_earlier: float = 3.0
+    # ... and at least this many (all while there are fewer), however few the new ones: with fewer
+    # than ~420 replayed, cycles 6-8 of an N=1000 run lost 3-5% of them to the gate's negative-flip
+    # bar, and replaying all cost less than a retry (reports/zsre-report-n1000-k100-2026-12-06b/notes.md).
+    replay_at_least: int = 512
     # Examples that keep the adapter reading retrieved memories (dataset.memory_examples): one per
     # new correction (per live correction when retraining from the base).
     memory_examples: bool = True
@@ -82,6 +86,9 @@ class CycleConfig:
         if self.replay_earlier < 0:
             raise ValueError(f"replay_earlier must not be negative (got {self.replay_earlier}): "
                              "it is how many earlier corrections are replayed per new one")
+        if self.replay_at_least < 0:
+            raise ValueError(f"replay_at_least must not be negative (got {self.replay_at_least}): "
+                             "it is how many earlier corrections are replayed at the least")
         if not 0 <= self.neighbour_anchors <= len(ANCHOR_TEMPLATES):
             raise ValueError(f"neighbour_anchors must be between 0 and {len(ANCHOR_TEMPLATES)} (got "
                              f"{self.neighbour_anchors}): it is how many of trainer.neighbours.ANCHOR_TEMPLATES "
@@ -210,7 +217,8 @@ class Cycles:
             replayed = 0
         else:
             rng = random.Random(cfg.training.seed + len(corrections))
-            k = len(earlier) if replay_all else min(len(earlier), round(cfg.replay_earlier * len(new)))
+            k = len(earlier) if replay_all else min(len(earlier), max(round(cfg.replay_earlier * len(new)),
+                                                                      cfg.replay_at_least))
             replay = rng.sample(earlier, k) if k else []
             examples = examples_for(new, templates) + examples_for(replay, templates[:1])
             replayed = len(replay)
