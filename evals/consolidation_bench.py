@@ -275,7 +275,8 @@ def neighbour_figures(model, tok, memory, batch: list[dict], answers_p: list[str
     from trainer.neighbours import bleed, first_per_subject, template_neighbours
 
     firsts = first_per_subject([r["subject"] for r in batch])
-    near = [(r, q) for i, r in enumerate(batch) if i in firsts for q in template_neighbours(r["subject"], k)]
+    near = [(r, q) for i, r in enumerate(batch) if i in firsts
+            for q in template_neighbours(r["subject"], k, asked=f"{r['question']} {r['paraphrase']}")]
     questions = [q for _, q in near]
     adapted = generate(model, tok, questions)
     with model.disable_adapter():

@@ -1,7 +1,9 @@
-"""A recorded `ratchet eval zsre` run scored again with each corrected subject's neighbours counted
-once, as evals.zsre.with_neighbours asks them, for runs that counted them once per record that
-corrected the subject (zsRE often words one fact several times). The memory tier's answers are
-recorded in every run; the other tiers' only in runs that keep `tier_answers`.
+"""A recorded `ratchet eval zsre` run scored again as the benchmark asks its neighbours now: each
+corrected subject's once (runs before 60a4f5c counted them once per record that corrected the
+subject; zsRE often words one fact several times), and only the templates that ask another kind of
+thing than the corrected question (trainer.neighbours.template_neighbours; runs before it asked
+every template). The memory tier's answers are recorded in every run; the other tiers' only in
+runs that keep `tier_answers`.
 
     python -m evals.rescore reports/zsre-report-n200-k50/results.json
 """
@@ -14,40 +16,63 @@ from pathlib import Path
 
 from evals.zsre import score
 from evals.zsre_data import records as all_records
-from trainer.neighbours import first_per_subject
+from trainer.neighbours import first_per_subject, template_neighbours
+
+
+def keep_neighbours(a: dict, keep: list[bool], got: dict | None = None) -> tuple[dict, dict]:
+    """Row `a` (memory_tier_answers) and `got` (its answers in a tier; its memory tier's by default)
+    with only the neighbours where `keep` holds."""
+    def pick(xs: list) -> list:
+        return [x for x, k in zip(xs, keep) if k]
+
+    got = dict(a["got"] if got is None else got)
+    got["n"] = pick(got.get("n", []))
+    if "shown" in got:
+        got["shown"] = {**got["shown"], "n": pick(got["shown"].get("n", []))}
+    return {**a, "neighbours": pick(a["neighbours"]), "base": {**a["base"], "n": pick(a["base"].get("n", []))}}, got
+
+
+def first_subjects(rows: list[dict], subjects: dict[str, str]) -> list[list[bool]]:
+    """Per row, its neighbours if it is its subject's first record measured in full (its unrelated
+    question answered: a long run's sample), else none; `subjects`: record id → subject."""
+    firsts = first_per_subject([subjects[a["id"]] for a in rows], {i for i, a in enumerate(rows) if "l" in a["got"]})
+    return [[i in firsts] * len(a["neighbours"]) for i, a in enumerate(rows)]
+
+
+def other_kinds(rows: list[dict], subjects: dict[str, str]) -> list[list[bool]]:
+    """Per row, which of its neighbours are not templates that ask what its question or paraphrase asks."""
+    out = []
+    for a in rows:
+        s = subjects[a["id"]]
+        dropped = set(template_neighbours(s)) - set(template_neighbours(s, asked=f"{a['question']} {a['paraphrase']}"))
+        out.append([q not in dropped for q in a["neighbours"]])
+    return out
 
 
 def once_per_subject(rows: list[dict], subjects: dict[str, str]) -> list[dict]:
-    """`rows` (memory_tier_answers) with neighbours only at each subject's first record measured in
-    full (its unrelated question answered: a long run's sample); `subjects`: record id → subject."""
-    firsts = first_per_subject([subjects[a["id"]] for a in rows], {i for i, a in enumerate(rows) if "l" in a["got"]})
+    """`rows` with neighbours only at each subject's first record measured in full (first_subjects)."""
     out = []
-    for i, a in enumerate(rows):
-        if i not in firsts and a["neighbours"]:
-            got = {**a["got"], "n": []}
-            if "shown" in got:
-                got["shown"] = {**got["shown"], "n": []}
-            a = {**a, "neighbours": [], "base": {**a["base"], "n": []}, "got": got}
-        out.append(a)
+    for a, keep in zip(rows, first_subjects(rows, subjects)):
+        row, got = keep_neighbours(a, keep)
+        out.append({**row, "got": got})
     return out
 
 
 def rescore(results: dict, subjects: dict[str, str]) -> dict:
-    """The memory tier's figures (and each kept tier's) as recorded and with neighbours once per subject."""
-    rows = results["memory_tier_answers"]
-    measured = [a for a in rows if "l" in a["got"]]  # the records measured in full (a sample's others: q and p only)
-
-    def figures(rs: list[dict], got: list[dict]) -> dict:
-        return score(rs, got, [a["base"] for a in rs])
-
+    """The memory tier's figures (and each kept tier's): as recorded, with neighbours once per
+    subject, and once per subject on templates of another kind only."""
+    measured = [a for a in results["memory_tier_answers"] if "l" in a["got"]]  # a sample's others: q and p only
+    once = first_subjects(measured, subjects)
+    masks = {"per_record": [[True] * len(a["neighbours"]) for a in measured], "per_subject": once,
+             "per_subject_other_kinds": [[o and k for o, k in zip(x, y)]
+                                         for x, y in zip(once, other_kinds(measured, subjects))]}
+    tiers = {"memory_tier_at_once": {a["id"]: a["got"] for a in measured}, **results.get("tier_answers", {})}
     out = {}
-    once = once_per_subject(measured, subjects)
-    out["memory_tier_at_once"] = {"per_record": figures(measured, [a["got"] for a in measured]),
-                                  "per_subject": figures(once, [a["got"] for a in once])}
-    for tier, answers in results.get("tier_answers", {}).items():
-        got = [{**answers[a["id"]], "n": answers[a["id"]]["n"][:len(b["neighbours"])]} for a, b in zip(measured, once)]
-        out[tier] = {"per_record": figures(measured, [answers[a["id"]] for a in measured]),
-                     "per_subject": figures(once, got)}
+    for tier, answers in tiers.items():
+        out[tier] = {}
+        for how, mask in masks.items():
+            kept = [keep_neighbours(a, keep, answers[a["id"]]) for a, keep in zip(measured, mask)]
+            out[tier][how] = score([r for r, _ in kept], [g for _, g in kept], [r["base"] for r, _ in kept])
     return out
 
 

@@ -545,7 +545,8 @@ def write_report(results: dict, output: Path) -> None:
         "answers only questions within its scope (memory.ADAPTER_SCOPE) of a stored correction, so the "
         "unrelated ones mostly get the base model's; token locality is of the adapter itself, on every question.",
         "Neighbours: questions about a corrected subject's other relations (trainer.neighbours: the dev file's "
-        "other records about the subject with another answer, then templates such as 'Who is {s}?'), the base "
+        "other records about the subject with another answer, then templates such as 'Who is {s}?', but none "
+        "asking the kind of thing the corrected question asks, a place or a time), the base "
         "model's answers the reference. Bleed: the share of neighbour answers that give the corrected answer "
         "where the base's did not.",
         "",

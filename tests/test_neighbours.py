@@ -1,8 +1,8 @@
 """Judging a correction by its content, and the neighbourhood measures (trainer.neighbours)."""
 
 from memory.text import answer_of, gives, is_correct, key_words
-from trainer.neighbours import (ANCHOR_TEMPLATES, NEIGHBOUR_TEMPLATES, anchor_questions, bleed, neighbour_questions, neighbour_scores, subject_of,
-                                template_neighbours)
+from trainer.neighbours import (ANCHOR_TEMPLATES, NEIGHBOUR_TEMPLATES, anchor_questions, bleed, kinds_asked, neighbour_questions,
+                                neighbour_scores, subject_of, template_neighbours)
 
 ZARNOTH = "The ship that carried the first settlers to Zarnoth was the Velmaris."
 
@@ -47,6 +47,22 @@ def test_neighbour_questions_are_other_relations_of_the_subject():
     assert subject_of("What university did Watts Humphrey attend?") == "Watts Humphrey"
     assert subject_of("Who founded the Bank of England?") == "Bank of England"
     assert subject_of("what is it?") is None
+
+
+def test_a_template_asking_the_corrected_questions_kind_is_not_its_neighbour():
+    record = {"subject": "McCroskey State Park", "question": "In which state is McCroskey State Park located?",
+              "paraphrase": "What state is McCroskey State Park in?", "answer": "Idaho"}
+    got = neighbour_questions(record)
+    assert "Where is McCroskey State Park located?" not in got and "Where is McCroskey State Park from?" not in got
+    assert "When was McCroskey State Park founded?" in got and "Who is McCroskey State Park?" in got
+    assert len(got) == len(NEIGHBOUR_TEMPLATES) - 2
+    assert kinds_asked("What year was Japan Policy Research Institute founded?", "Japan Policy Research Institute") == {"time"}
+    # the subject's own words do not ask anything: a river's father is no place
+    assert kinds_asked("Who is the father of Anglesea River?", "Anglesea River") == set()
+    assert kinds_asked("What body of water does Ohlanga River join?", "Ohlanga River") == {"place"}
+    assert template_neighbours("Ohlanga River", 3, asked="What body of water does Ohlanga River join?") == [
+        "Who is Ohlanga River?", "What is Ohlanga River known for?", "When was Ohlanga River founded?"]
+    assert template_neighbours("X", asked="Which college did X attend?") == template_neighbours("X")
 
 
 def test_a_leaked_answer_counts_as_bleed_and_a_changed_neighbour_against_locality():

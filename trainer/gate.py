@@ -130,10 +130,12 @@ def memory_probes(new: list[Correction]) -> list[tuple[Correction, str]]:
 
 def neighbour_probes(new: list[Correction], corrections: int, templates: int) -> list[tuple[Correction, str]]:
     """Template neighbour questions about the subjects (trainer.neighbours.subject_of) of up to
-    `corrections` new corrections, each with its correction; a subject is probed once."""
+    `corrections` new corrections, each with its correction; a subject is probed once, on templates
+    asking another kind of thing than its corrected question."""
     subjects = [subject_of(c.question) for c in new]
     firsts = sorted(first_per_subject([s or "" for s in subjects], {i for i, s in enumerate(subjects) if s}))
-    return [(new[i], q) for i in firsts[:corrections] for q in template_neighbours(subjects[i], templates)]
+    return [(new[i], q) for i in firsts[:corrections]
+            for q in template_neighbours(subjects[i], templates, asked=new[i].question)]
 
 
 def saved_answers(folder: str | Path, max_new_tokens: int) -> dict[str, str]:

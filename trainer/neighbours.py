@@ -25,6 +25,17 @@ NEIGHBOUR_TEMPLATES = (
     "Tell me one fact about {s}.",
 )
 
+# The kind of thing a template asks, and the words by which a corrected question asks that kind
+# (read off the questions of dev records 1-2000). A template of the corrected question's kind asks
+# its relation, not another one ("Where is X located?" after "In which state is X located?": the
+# corrected state is then its right answer, not a leak), so it is not that question's neighbour.
+TEMPLATE_KINDS = {"Where is {s} located?": "place", "Where is {s} from?": "place", "When was {s} founded?": "time"}
+KIND_WORDS = {
+    "place": frozenset("where located location city town village state country province region county continent "
+                       "place birthplace home nationality citizen citizenship river water".split()),
+    "time": frozenset("when year date century decade".split()),
+}
+
 # Other questions about a corrected subject that training replays with the base model's answers
 # (neighbour anchors, trainer.cycle.CycleConfig.neighbour_anchors), so that an adapter learns the
 # corrected fact rather than "subject → answer". Kept apart from NEIGHBOUR_TEMPLATES, which
@@ -43,9 +54,19 @@ _QUESTION_WORDS = frozenset("what which who whom whose where when why how is are
 _CAPITALISED = re.compile(r"[A-Z0-9][\w'’.-]*")
 
 
-def template_neighbours(subject: str, k: int = len(NEIGHBOUR_TEMPLATES)) -> list[str]:
-    """The first `k` template questions about `subject`."""
-    return [t.format(s=subject.strip()) for t in NEIGHBOUR_TEMPLATES[:k]]
+def kinds_asked(question: str, subject: str) -> set[str]:
+    """The kinds (KIND_WORDS) `question` asks about `subject`, judged by its words other than the
+    subject's ("What river does Anglesea River join?" asks a place for its "river", not the name's)."""
+    rest = re.sub(re.escape(subject.strip()), " ", question, flags=re.IGNORECASE) if subject.strip() else question
+    words = set(re.findall(r"[a-z]+", rest.lower()))
+    return {kind for kind, kind_words in KIND_WORDS.items() if words & kind_words}
+
+
+def template_neighbours(subject: str, k: int = len(NEIGHBOUR_TEMPLATES), asked: str = "") -> list[str]:
+    """The first `k` template questions about `subject` that ask another kind of thing than the
+    corrected question(s) `asked` (TEMPLATE_KINDS): its neighbours."""
+    kinds = kinds_asked(asked, subject)
+    return [t.format(s=subject.strip()) for t in NEIGHBOUR_TEMPLATES if TEMPLATE_KINDS.get(t) not in kinds][:k]
 
 
 def anchor_neighbours(subject: str, k: int) -> list[str]:
@@ -68,7 +89,8 @@ def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEI
                         exclude: set[str] = frozenset()) -> list[str]:
     """Up to `k` questions about `record`'s subject and another relation: first the other
     records (zsRE-style dicts) about the same subject with another answer (same-subject records
-    with the same answer are rewordings of the same fact, not neighbours), then the templates.
+    with the same answer are rewordings of the same fact, not neighbours), then the templates that
+    ask another kind of thing than its question and paraphrase (template_neighbours).
     Questions in `exclude` (e.g. ones corrected in the same run) are left out."""
     subject = record["subject"]
     answer = normalise(record["answer"])
@@ -76,7 +98,8 @@ def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEI
     left_out = {normalise(q) for q in exclude} | own
     others = [r["question"] for r in records if r["subject"] == subject and normalise(r["answer"]) != answer]
     out: list[str] = []
-    for q in others + template_neighbours(subject):
+    asked = f"{record['question']} {record.get('paraphrase', '')}"
+    for q in others + template_neighbours(subject, asked=asked):
         if normalise(q) not in left_out and normalise(q) not in {normalise(o) for o in out}:
             out.append(q)
     return out[:k]
