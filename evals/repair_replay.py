@@ -114,15 +114,15 @@ def main() -> None:
     ap.add_argument("--same", help="comma-separated probabilities the same-question model (memory.matcher) must give a shown memory")
     ap.add_argument("--repair-at", default=str(REPAIR_PROBABILITY),
                     help="comma-separated probabilities from which a kept memory repairs an answer (with --same)")
-    ap.add_argument("--per-subject", action="store_true", help="a subject's neighbours counted once (evals.rescore)")
+    ap.add_argument("--per-subject", action="store_true", help="neighbours as the benchmark asks them now: a subject's once, of another kind (evals.rescore)")
     a = ap.parse_args()
     results = json.loads(a.results.read_text())
     if a.per_subject:
-        from evals.rescore import once_per_subject
+        from evals.rescore import as_asked_now
         from evals.zsre_data import records
 
         subjects = {r["id"]: r["subject"] for r in records()}
-        results["memory_tier_answers"] = once_per_subject(results["memory_tier_answers"], subjects)
+        results["memory_tier_answers"] = as_asked_now(results["memory_tier_answers"], subjects)
     pairs = None
     if a.same:
         from memory.embed import Embedder

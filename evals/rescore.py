@@ -49,11 +49,12 @@ def other_kinds(rows: list[dict], subjects: dict[str, str]) -> list[list[bool]]:
     return out
 
 
-def once_per_subject(rows: list[dict], subjects: dict[str, str]) -> list[dict]:
-    """`rows` with neighbours only at each subject's first record measured in full (first_subjects)."""
+def as_asked_now(rows: list[dict], subjects: dict[str, str]) -> list[dict]:
+    """`rows` with the neighbours the benchmark asks now: a subject's once (first_subjects), and of
+    another kind than its corrected question (other_kinds)."""
     out = []
-    for a, keep in zip(rows, first_subjects(rows, subjects)):
-        row, got = keep_neighbours(a, keep)
+    for a, once, kinds in zip(rows, first_subjects(rows, subjects), other_kinds(rows, subjects)):
+        row, got = keep_neighbours(a, [x and y for x, y in zip(once, kinds)])
         out.append({**row, "got": got})
     return out
 

@@ -2,7 +2,8 @@
 active adapter), with the server's settings as they are now: what a change of serving alone (say,
 the same-question model, RATCHET_SAME_QUESTION) does to the served answers, with no new training.
 Scored against the run's recorded base answers; the unrelated question is not asked again, the
-neighbours only of the records the run measured in full, a subject's once (evals.rescore).
+neighbours only of the records the run measured in full, a subject's once, of another kind than
+its corrected question (evals.rescore.as_asked_now).
 
     python -m evals.served_again reports/zsre-report-n200-k50 --data reports/zsre-report-n200-k50/data-x \\
         --env RATCHET_SAME_QUESTION=0.5 --output reports/zsre-report-n200-k50/served-same-question.json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from evals.rescore import once_per_subject
+from evals.rescore import as_asked_now
 from evals.server import RatchetServer
 from evals.zsre import Client, answers, score
 from evals.zsre_data import records as all_records
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--output", type=Path, required=True)
     a = ap.parse_args()
     results = json.loads((a.run / "results.json").read_text())
-    rows = once_per_subject(results["memory_tier_answers"], {r["id"]: r["subject"] for r in all_records()})
+    rows = as_asked_now(results["memory_tier_answers"], {r["id"]: r["subject"] for r in all_records()})
     records = [{"question": r["question"], "paraphrase": r["paraphrase"], "answer": r["answer"],
                 "neighbours": r["neighbours"], "locality_question": None} for r in rows]
     base = [r["base"] for r in rows]  # its unrelated answer ("l") goes unscored: not asked again

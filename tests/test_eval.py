@@ -187,7 +187,7 @@ def test_the_bench_counts_neighbours_a_fake_adapter_changed_and_answers_that_lea
 
 
 def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reused(tmp_path):
-    from evals.rescore import once_per_subject
+    from evals.rescore import as_asked_now
     from evals.zsre import earlier_base, with_neighbours
 
     records = [{"id": f"r{i}", "subject": s, "question": f"Q{i} about {s}?", "paraphrase": f"P{i} about {s}?",
@@ -206,12 +206,18 @@ def test_a_subjects_neighbours_are_asked_once_and_earlier_base_answers_are_reuse
     with pytest.raises(ValueError, match="no base answers"):
         earlier_base(tmp_path / "results.json", [{**got[2], "neighbours": ["Who asked this?"]}])
 
-    rows = [{"id": r["id"], "neighbours": ["Who is X?"], "base": {"n": ["b"]}, "got": {"l": "?", "n": ["g"]}}
-            for r in records]
-    once = once_per_subject(rows, {r["id"]: r["subject"] for r in records})
+    rows = [{**r, "neighbours": ["Who is X?"], "base": {"n": ["b"]}, "got": {"l": "?", "n": ["g"]}} for r in records]
+    subjects = {r["id"]: r["subject"] for r in records}
+    once = as_asked_now(rows, subjects)
     assert [len(a["got"]["n"]) for a in once] == [1, 0, 1]
-    sampled = once_per_subject([{**rows[0], "got": {"n": []}}, *rows[1:]], {r["id"]: r["subject"] for r in records})
+    sampled = as_asked_now([{**rows[0], "got": {"n": []}}, *rows[1:]], subjects)
     assert [len(a["neighbours"]) for a in sampled] == [0, 1, 1]  # outside a sample: the next record asks them
+    # a template asking what the corrected question asks (a place) is no longer a neighbour
+    placed = [{**rows[2], "question": "In which city is Narcy?", "neighbours": ["Who is Narcy?", "Where is Narcy located?"],
+               "base": {"n": ["b1", "b2"]}, "got": {"l": "?", "n": ["g1", "g2"], "shown": {"n": [[], [{"answer": "Tours"}]]}}}]
+    kept = as_asked_now(placed, subjects)[0]
+    assert kept["neighbours"] == ["Who is Narcy?"] and kept["got"]["n"] == ["g1"] and kept["got"]["shown"]["n"] == [[]]
+    assert kept["base"]["n"] == ["b1"]
 
 
 
