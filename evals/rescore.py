@@ -49,12 +49,18 @@ def other_kinds(rows: list[dict], subjects: dict[str, str]) -> list[list[bool]]:
     return out
 
 
+def asked_now(rows: list[dict], subjects: dict[str, str]) -> list[list[bool]]:
+    """Per row, which of its neighbours the benchmark asks now: a subject's once (first_subjects),
+    and of another kind than its corrected question (other_kinds)."""
+    return [[x and y for x, y in zip(once, kinds)]
+            for once, kinds in zip(first_subjects(rows, subjects), other_kinds(rows, subjects))]
+
+
 def as_asked_now(rows: list[dict], subjects: dict[str, str]) -> list[dict]:
-    """`rows` with the neighbours the benchmark asks now: a subject's once (first_subjects), and of
-    another kind than its corrected question (other_kinds)."""
+    """`rows` with only the neighbours the benchmark asks now (asked_now)."""
     out = []
-    for a, once, kinds in zip(rows, first_subjects(rows, subjects), other_kinds(rows, subjects)):
-        row, got = keep_neighbours(a, [x and y for x, y in zip(once, kinds)])
+    for a, keep in zip(rows, asked_now(rows, subjects)):
+        row, got = keep_neighbours(a, keep)
         out.append({**row, "got": got})
     return out
 
@@ -63,10 +69,8 @@ def rescore(results: dict, subjects: dict[str, str]) -> dict:
     """The memory tier's figures (and each kept tier's): as recorded, with neighbours once per
     subject, and once per subject on templates of another kind only."""
     measured = [a for a in results["memory_tier_answers"] if "l" in a["got"]]  # a sample's others: q and p only
-    once = first_subjects(measured, subjects)
-    masks = {"per_record": [[True] * len(a["neighbours"]) for a in measured], "per_subject": once,
-             "per_subject_other_kinds": [[o and k for o, k in zip(x, y)]
-                                         for x, y in zip(once, other_kinds(measured, subjects))]}
+    masks = {"per_record": [[True] * len(a["neighbours"]) for a in measured],
+             "per_subject": first_subjects(measured, subjects), "per_subject_other_kinds": asked_now(measured, subjects)}
     tiers = {"memory_tier_at_once": {a["id"]: a["got"] for a in measured}, **results.get("tier_answers", {})}
     out = {}
     for tier, answers in tiers.items():
