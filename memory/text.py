@@ -36,6 +36,50 @@ def question_key(question: str) -> str:
     return normalise(question)
 
 
+# A question about a name in general: "Who is X?", "What is X (best) known for?", "Tell me about X".
+_GENERAL = re.compile(
+    r"^\s*(?:(?:who|what)(?:\s+(?:is|was|are|were)|'s|’s)\s+(?P<known>.+?)(?:\s+(?:best|most|mainly))?"
+    r"\s+(?:known|famous|noted|remembered)\s+for"
+    r"|(?:who|what)(?:\s+(?:is|was|are|were)|'s|’s)\s+(?P<plain>.+?)"
+    r"|(?:tell me|what do you know|can you tell me)(?:\s+(?:something|one fact|a fact))?\s+about\s+(?P<about>.+?))"
+    r"\s*[?.!]*\s*$",
+    re.IGNORECASE,
+)
+_POSSESSIVE = re.compile(r"['’]s\b|s['’](?:\s|$)")
+_NOT_A_NAME_END = frozenset("of in on at to for from by with about as".split())
+# Words of a question that ask nothing by themselves: a question that adds only these to a name asks about it in general.
+_FILLER = frozenset("who whom whose what which is was are were s the a an".split())
+
+
+def general_about(question: str) -> str | None:
+    """The name (normalised) a question asks about in general ("Who is The Duck Doctor?" → "the
+    duck doctor"); None for a question that asks a particular fact ("Who is the mother of X?",
+    "What was X's career?": no name begins lower case, has a possessive or ends in a preposition)."""
+    m = _GENERAL.match(question or "")
+    if not m:
+        return None
+    name = next(g for g in m.groups() if g).strip()
+    if not (name[:1].isupper() or name[:1].isdigit()) or _POSSESSIVE.search(name):
+        return None
+    words = normalise(name).split()
+    return " ".join(words) if words and words[-1] not in _NOT_A_NAME_END else None
+
+
+def asks_in_general(query: str, stored: str) -> bool:
+    """Does one of the two ask about a name in general and the other a particular fact about it
+    ("Who is Momus?" and "Who was the mother of Momus?")? Then a correction of the one does not
+    answer the other, however near their wording: the same-question model reads these pairs as
+    the same too often (reports/memory-tier/general-questions.md)."""
+    for general, particular in ((query, stored), (stored, query)):
+        name = general_about(general)
+        if name is None or general_about(particular) is not None:
+            continue
+        text = f" {normalise(particular)} "
+        if f" {name} " in text and any(w not in _FILLER for w in text.replace(f" {name} ", " ", 1).split()):
+            return True
+    return False
+
+
 def is_correct(expected: str, answer: str) -> bool:
     """Does `answer` give `expected`? (CORRECTNESS_RULE)"""
     e = normalise(expected)
