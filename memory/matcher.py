@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memory.text import asks_in_general
+from memory.text import different_questions
 
 MATCHER_DIR = Path(__file__).resolve().parent / "same_question"  # adapter_config.json, adapter_model.safetensors, head.safetensors
 MAX_LENGTH = 96  # tokens of a question pair, at most
@@ -74,8 +74,8 @@ class Matcher:
 
     def probability(self, query: str, questions: list[str]) -> np.ndarray:
         """For each of `questions`, the probability that it asks what `query` asks (the mean of
-        both reading orders, so the score is symmetric); 0 where one asks about a name in general
-        and the other a particular fact about it (memory.text.asks_in_general)."""
+        both reading orders, so the score is symmetric); 0 where they cannot be one question
+        (memory.text.different_questions: "Who is X?" and "Who was X's mother?", "Who" and "Where")."""
         if not questions:
             return np.zeros(0, np.float32)
         queries = [query] * len(questions)
@@ -91,5 +91,5 @@ class Matcher:
             finally:
                 torch.set_num_threads(before)
         p = torch.sigmoid(both.float()).numpy()
-        general = np.array([asks_in_general(query, q) for q in questions])
-        return np.where(general, 0.0, (p[: len(questions)] + p[len(questions):]) / 2).astype(np.float32)
+        other = np.array([different_questions(query, q) for q in questions])
+        return np.where(other, 0.0, (p[: len(questions)] + p[len(questions):]) / 2).astype(np.float32)

@@ -69,7 +69,7 @@ def asks_in_general(query: str, stored: str) -> bool:
     """Does one of the two ask about a name in general and the other a particular fact about it
     ("Who is Momus?" and "Who was the mother of Momus?")? Then a correction of the one does not
     answer the other, however near their wording: the same-question model reads these pairs as
-    the same too often (reports/memory-tier/general-questions.md)."""
+    the same too often (reports/memory-tier/different-questions.md)."""
     for general, particular in ((query, stored), (stored, query)):
         name = general_about(general)
         if name is None or general_about(particular) is not None:
@@ -78,6 +78,23 @@ def asks_in_general(query: str, stored: str) -> bool:
         if f" {name} " in text and any(w not in _FILLER for w in text.replace(f" {name} ", " ", 1).split()):
             return True
     return False
+
+
+# The kind of answer an interrogative asks for: "Who directed X?" and "Where is X located?" are
+# never one question, however near their words (no dev paraphrase pair differs so, reports/memory-tier/different-questions.md).
+_ANSWER_KIND = {"who": "person", "whom": "person", "whose": "person", "where": "place", "when": "time"}
+
+
+def answer_kinds(question: str) -> set[str]:
+    """The kinds of answer (_ANSWER_KIND) the interrogatives in `question` ask for."""
+    return {_ANSWER_KIND[w] for w in normalise(question).split() if w in _ANSWER_KIND}
+
+
+def different_questions(a: str, b: str) -> bool:
+    """Can `a` and `b` not be one question? They ask different kinds of answer (a person, a place,
+    a time), or one asks about a name in general and the other a fact about it (asks_in_general)."""
+    kinds_a, kinds_b = answer_kinds(a), answer_kinds(b)
+    return bool(kinds_a and kinds_b and not kinds_a & kinds_b) or asks_in_general(a, b)
 
 
 def is_correct(expected: str, answer: str) -> bool:

@@ -62,3 +62,15 @@ def test_the_matcher_never_takes_a_general_question_for_a_particular_fact():
         "Who was the mother of Momus?", "Who is the mother of Momus?", "Who is Momus?"])
     assert general == particular == 0.0
     assert paraphrase >= SAME_QUESTION_PROBABILITY
+
+
+def test_questions_that_ask_different_kinds_of_answer_are_never_one():
+    from memory.text import answer_kinds, different_questions
+
+    assert answer_kinds("By whom was The Color of Pomegranates directed?") == {"person"}
+    assert answer_kinds("What is the name of the airport where East African Airlines is located?") == {"place"}
+    assert different_questions("Where is 167 Urda located?", "Who found 167 Urda?")
+    assert different_questions("When was Schwanheide station created?", "Where is Schwanheide station?")
+    assert not different_questions("Who directed Lies of Love?", "Whose direction is Lies of Love?")
+    assert not different_questions("What year was X founded?", "When was X founded?")  # no interrogative of a kind in one
+    assert Matcher().probability("Where is Lies of Love located?", ["Whose direction is Lies of Love?"])[0] == 0.0
