@@ -90,7 +90,16 @@ def write(dev: dict, runs: dict, out: Path) -> None:
     for split, d in dev.items():
         lines.append(f"| {split} | {d['paraphrases_parted']} / {d['records']} | "
                      + " | ".join(f"{v:.3f}" for v in d["templates"].values()) + " |")
-    lines += ["", "Template columns: the share of that neighbour question the rule parts from the corrected question.",
+    lines += ["", "Template columns: the share of that neighbour question the rule parts from the corrected question. "
+              "Paraphrases parted are a cost: the correction no longer reaches them.",
+              "", "Why: of the 26 bleeding neighbour answers of the N=1000 run's memory tier at once (2026-12-06, "
+              "neighbours as asked now), 17 were \"Who is X?\" or \"What is X known for?\" shown a particular fact "
+              "about X, and 9 \"Where is X located/from?\", 6 of them shown a who- or when-question (the other 3: an "
+              "airport question), at same-question P 0.52-1.00. "
+              "The rule names question forms and interrogatives only; records outside the dev file test it.",
+              "", "Replay: an answer whose every shown memory falls to the rule is the recorded base answer (no memory "
+              "found, so no memory shown and no adapter scope: the base model answers); exact. Answers that keep a "
+              "memory stay as recorded, and so does what the adapter itself does to questions still in its scope.",
               "", "## Recorded runs replayed", "",
               "| run | tier | | reliability | generalisation | neighbours strict | bleed | neighbours |",
               "|---|---|---|---|---|---|---|---|"]
