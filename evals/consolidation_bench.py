@@ -272,11 +272,11 @@ def neighbour_figures(model, tok, memory, batch: list[dict], answers_p: list[str
     from memory import LOCAL_USER
     from memory.text import gives
     from trainer.evaluate import agreement, generate
-    from trainer.neighbours import bleed, first_per_subject, template_neighbours
+    from trainer.neighbours import bleed, first_per_subject, record_neighbours
 
     firsts = first_per_subject([r["subject"] for r in batch])
     near = [(r, q) for i, r in enumerate(batch) if i in firsts
-            for q in template_neighbours(r["subject"], k, asked=f"{r['question']} {r['paraphrase']}")]
+            for q in record_neighbours(r, k)]
     questions = [q for _, q in near]
     adapted = generate(model, tok, questions)
     with model.disable_adapter():

@@ -25,7 +25,7 @@ from evals.rescore import as_asked_now
 from evals.zsre import score
 from evals.zsre_data import records as all_records
 from memory.text import different_questions
-from trainer.neighbours import template_neighbours
+from trainer.neighbours import record_neighbours
 
 FIGURES = ("reliability", "generalisation", "neighbour_locality_strict", "neighbour_bleed", "n_neighbours")
 
@@ -34,7 +34,7 @@ def on_dev(rows: list[dict]) -> dict:
     """Paraphrases parted from their question, and per neighbour template the share parted from it."""
     parted, asked = Counter(), Counter()
     for r in rows:
-        for q in template_neighbours(r["subject"], 6, asked=f"{r['question']} {r['paraphrase']}"):
+        for q in record_neighbours(r):
             t = q.replace(r["subject"], "{s}")
             asked[t] += 1
             parted[t] += different_questions(q, r["question"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from evals.zsre import score
 from evals.zsre_data import records as all_records
-from trainer.neighbours import first_per_subject, template_neighbours
+from trainer.neighbours import first_per_subject, record_neighbours, template_neighbours
 
 
 def keep_neighbours(a: dict, keep: list[bool], got: dict | None = None) -> tuple[dict, dict]:
@@ -44,7 +44,7 @@ def other_kinds(rows: list[dict], subjects: dict[str, str]) -> list[list[bool]]:
     out = []
     for a in rows:
         s = subjects[a["id"]]
-        dropped = set(template_neighbours(s)) - set(template_neighbours(s, asked=f"{a['question']} {a['paraphrase']}"))
+        dropped = set(template_neighbours(s)) - set(record_neighbours({**a, "subject": s}))
         out.append([q not in dropped for q in a["neighbours"]])
     return out
 

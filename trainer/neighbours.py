@@ -69,6 +69,11 @@ def template_neighbours(subject: str, k: int = len(NEIGHBOUR_TEMPLATES), asked: 
     return [t.format(s=subject.strip()) for t in NEIGHBOUR_TEMPLATES if TEMPLATE_KINDS.get(t) not in kinds][:k]
 
 
+def record_neighbours(record: dict, k: int = len(NEIGHBOUR_TEMPLATES)) -> list[str]:
+    """template_neighbours of a zsRE-style record: of another kind than its question and paraphrase."""
+    return template_neighbours(record["subject"], k, asked=f"{record['question']} {record.get('paraphrase', '')}")
+
+
 def anchor_neighbours(subject: str, k: int) -> list[str]:
     """`k` of ANCHOR_TEMPLATES about `subject`, starting at a place the subject picks, so that
     across subjects every template is trained on."""
@@ -90,7 +95,7 @@ def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEI
     """Up to `k` questions about `record`'s subject and another relation: first the other
     records (zsRE-style dicts) about the same subject with another answer (same-subject records
     with the same answer are rewordings of the same fact, not neighbours), then the templates that
-    ask another kind of thing than its question and paraphrase (template_neighbours).
+    ask another kind of thing than its question and paraphrase (record_neighbours).
     Questions in `exclude` (e.g. ones corrected in the same run) are left out."""
     subject = record["subject"]
     answer = normalise(record["answer"])
@@ -98,8 +103,7 @@ def neighbour_questions(record: dict, records: list[dict] = (), k: int = len(NEI
     left_out = {normalise(q) for q in exclude} | own
     others = [r["question"] for r in records if r["subject"] == subject and normalise(r["answer"]) != answer]
     out: list[str] = []
-    asked = f"{record['question']} {record.get('paraphrase', '')}"
-    for q in others + template_neighbours(subject, asked=asked):
+    for q in others + record_neighbours(record):
         if normalise(q) not in left_out and normalise(q) not in {normalise(o) for o in out}:
             out.append(q)
     return out[:k]
