@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serving.engines.lanes import merge_adapter
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works, step by step.",
@@ -46,18 +48,6 @@ def synthetic_adapter(base_model: str, out: Path, r: int = 16, seed: int = 0) ->
             if "lora_B" in name:
                 p.mul_(0.01)
     peft.save_pretrained(out)
-    return out
-
-
-def merged_checkpoint(base_model: str, adapter: Path, out: Path) -> Path:
-    """`adapter` folded into the base weights (PEFT merge_and_unload), saved with the tokenizer."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(out)
     return out
 
 
@@ -110,7 +100,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = synthetic_adapter(base_model, Path(tmp) / "adapter")
-        merged = merged_checkpoint(base_model, adapter, Path(tmp) / "merged")
+        merged = merge_adapter(base_model, str(adapter), Path(tmp) / "merged")
         for config in args.configs.split(","):
             results.append(run(config, base_model, adapter, merged, args.max_tokens, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
