@@ -72,7 +72,7 @@ def asks_in_general(query: str, stored: str) -> bool:
     the same too often (reports/memory-tier/different-questions.md)."""
     for general, particular in ((query, stored), (stored, query)):
         name = general_about(general)
-        if name is None or general_about(particular) is not None:
+        if name is None or general_about(particular) == name:  # both about it in general
             continue
         text = f" {normalise(particular)} "
         if f" {name} " in text and any(w not in _FILLER for w in text.replace(f" {name} ", " ", 1).split()):

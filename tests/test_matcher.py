@@ -74,3 +74,10 @@ def test_questions_that_ask_different_kinds_of_answer_are_never_one():
     assert not different_questions("Who directed Lies of Love?", "Whose direction is Lies of Love?")
     assert not different_questions("What year was X founded?", "When was X founded?")  # no interrogative of a kind in one
     assert Matcher().probability("Where is Lies of Love located?", ["Whose direction is Lies of Love?"])[0] == 0.0
+
+
+def test_a_particular_question_shaped_like_a_general_one_is_still_particular():
+    from memory.text import asks_in_general
+
+    # "What is X named after?" reads like "What is <name>?" with the name "X named after"
+    assert asks_in_general("What is Galvani potential known for?", "What is Galvani potential named after?")
