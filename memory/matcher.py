@@ -76,9 +76,12 @@ class Matcher:
         """For each of `questions`, the probability that it asks what `query` asks (the mean of
         both reading orders, so the score is symmetric); 0 where they cannot be one question
         (memory.text.different_questions: "Who is X?" and "Who was X's mother?", "Who" and "Where")."""
-        if not questions:
-            return np.zeros(0, np.float32)
-        queries = [query] * len(questions)
+        out = np.zeros(len(questions), np.float32)
+        read = np.array([not different_questions(query, q) for q in questions], dtype=bool)
+        asked = [q for q, r in zip(questions, read) if r]  # the model reads only pairs the rule leaves open
+        if not asked:
+            return out
+        queries = [query] * len(asked)
         with self._lock:
             if self._model is None:
                 self._model = self._load()
@@ -87,9 +90,9 @@ class Matcher:
             torch.set_num_threads(self.threads)
             try:
                 with torch.inference_mode():
-                    both = pair_logits(tokenizer, encoder, head, queries + questions, questions + queries)
+                    both = pair_logits(tokenizer, encoder, head, queries + asked, asked + queries)
             finally:
                 torch.set_num_threads(before)
         p = torch.sigmoid(both.float()).numpy()
-        other = np.array([different_questions(query, q) for q in questions])
-        return np.where(other, 0.0, (p[: len(questions)] + p[len(questions):]) / 2).astype(np.float32)
+        out[read] = (p[: len(asked)] + p[len(asked):]) / 2
+        return out
