@@ -6,6 +6,7 @@ import threading
 import pytest
 
 import serving.engines.lanes as lanes
+from serving.engines.lanes import lane_args
 from serving.engines.vllm import VLLMOptions
 
 
@@ -71,6 +72,7 @@ def test_the_active_adapter_moves_to_its_merged_lane_and_the_rest_stays_on_lora(
     assert wait_for(lambda: engine.lanes == ["ratchet-v1"])
     lane = FakeLane.started[0]
     assert lane.options.enable_lora is False and lane.options.port == 0  # plain, on a port of its own
+    assert "--enforce-eager" in lane.options.extra_args  # no torch.compile at every cycle's lane start
     assert engine.complete(msg, adapter="ratchet-v1").text == f"lane {tmp_path / 'merged' / 'ratchet-v1'}"
     assert engine.complete(msg, adapter="ratchet-v2").text == "I do not know"
     assert engine.complete(msg, adapter=None).text == "I do not know"
@@ -100,3 +102,10 @@ def test_a_replaced_lane_finishes_its_requests_before_it_stops(engine):
     assert wait_for(lambda: engine.lanes == ["ratchet-v2"])
     engine.follow(None, None)  # rolled back to the base model: no lane
     assert wait_for(lambda: engine.lanes == [])
+
+
+def test_a_lane_is_eager_unless_the_operator_says_how_to_compile():
+    assert lane_args([]) == ["--enforce-eager"]
+    assert lane_args(["--max-num-seqs", "8"]) == ["--max-num-seqs", "8", "--enforce-eager"]
+    for chosen in (["--enforce-eager"], ["--compilation-config", "{}"], ["--compilation-config={}"], ["-O3"]):
+        assert lane_args(chosen) == chosen

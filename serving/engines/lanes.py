@@ -42,6 +42,15 @@ def merge_adapter(base_model: str, adapter_path: str, out: Path) -> Path:
     return out
 
 
+def lane_args(extra_args: list[str]) -> list[str]:
+    """A lane's vLLM arguments: the primary's, served eager unless they say how to compile. A lane
+    starts every cycle; eager it serves in ~50 s instead of ~140 s (torch.compile) and answers
+    concurrent requests as fast (reports/serving-lane-start.md)."""
+    compiles = any(a.split("=", 1)[0] in ("--enforce-eager", "--compilation-config") or a.startswith("-O")
+                   for a in extra_args)
+    return list(extra_args) if compiles else [*extra_args, "--enforce-eager"]
+
+
 class MergedLanes:
     """The Engine protocol over a primary LoRA engine plus at most one merged lane."""
 
@@ -53,7 +62,7 @@ class MergedLanes:
         self.primary = primary
         self.name = primary.name
         self.base_model = base_model
-        self.options = dataclasses.replace(options, enable_lora=False, port=0)
+        self.options = dataclasses.replace(options, enable_lora=False, port=0, extra_args=lane_args(options.extra_args))
         self.work_dir = Path(work_dir)
         self.log_dir = log_dir
         self.drain_timeout = drain_timeout
