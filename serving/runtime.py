@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from serving.engines import Engine, EngineError
@@ -166,6 +167,10 @@ class EngineRuntime:
         log.info("active adapter: %s (was %s) %s", self.active or "the base model", previous or "the base model",
                  self.last_switch)
         return self.last_switch
+
+    def prepare(self, name: str | None, path: Path | None) -> None:
+        """A candidate is being judged (None: no longer): the engine may get ready to serve it."""
+        self.engine.prepare(name, str(path) if path is not None else None)
 
     def _unload_when_idle(self, name: str) -> None:
         with self._changed:

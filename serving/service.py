@@ -167,7 +167,8 @@ class Ratchet:
                            checkpointer=checkpointer,
                            history=settings.limits.history_messages, max_thread=settings.limits.thread_messages)
         self.cycles = Cycles(self.memory, self.registry, self.model_path, settings.cycle, settings.data_dir,
-                             on_promote=self.runtime.switch, admits=self.trusted)
+                             on_promote=self.runtime.switch, on_candidate=self.runtime.prepare,
+                             admits=self.trusted)
         self.schedule = Schedule(self.cycles, settings.schedule)
 
     # -- lifecycle -----------------------------------------------------------------------

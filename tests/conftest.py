@@ -70,6 +70,7 @@ class EchoModel:
         self.loaded: dict[str, str] = {}
         self.running = True
         self.restarts = 0
+        self.preparing = None  # the candidate it was told of (prepare)
         self.hold: threading.Event | None = None  # when set up, each answer waits for it
         self.entered = threading.Event()  # set when an answer starts
         self.strict = False  # True: an adapter that is not loaded fails the request, as in a real engine
@@ -129,6 +130,9 @@ class EchoModel:
 
     def follow(self, adapter, path):
         self.following = adapter
+
+    def prepare(self, adapter, path):
+        self.preparing = adapter
 
     def status(self):
         return {}

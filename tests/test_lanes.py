@@ -109,3 +109,18 @@ def test_a_lane_is_eager_unless_the_operator_says_how_to_compile():
     assert lane_args(["--max-num-seqs", "8"]) == ["--max-num-seqs", "8", "--enforce-eager"]
     for chosen in (["--enforce-eager"], ["--compilation-config", "{}"], ["--compilation-config={}"], ["-O3"]):
         assert lane_args(chosen) == chosen
+
+
+def test_a_candidates_lane_starts_while_its_gate_runs_and_goes_if_it_is_not_promoted(engine):
+    engine.follow("ratchet-v1", "/a1")
+    assert wait_for(lambda: engine.lanes == ["ratchet-v1"])
+    engine.prepare("ratchet-v2", "/a2")  # v2's gate is running: its lane starts beside v1's
+    assert wait_for(lambda: engine.lanes == ["ratchet-v1", "ratchet-v2"])
+    engine.follow("ratchet-v2", "/a2")  # promoted: served by the lane already up, v1's retired
+    assert wait_for(lambda: engine.lanes == ["ratchet-v2"])
+    assert [lane.model_path.rsplit("/", 1)[-1] for lane in FakeLane.started] == ["ratchet-v1", "ratchet-v2"]
+    engine.prepare("ratchet-v3", "/a3")
+    assert wait_for(lambda: engine.lanes == ["ratchet-v2", "ratchet-v3"])
+    engine.prepare(None, None)  # v3 rejected: its lane goes, the active one stays
+    assert wait_for(lambda: engine.lanes == ["ratchet-v2"])
+    assert [lane.up for lane in FakeLane.started] == [False, True, False]

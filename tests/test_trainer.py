@@ -476,9 +476,11 @@ def test_a_candidate_that_forgot_is_trained_again_with_every_earlier_correction_
     monkeypatch.setattr(cycle_module, "run_gate", lambda *a, **k: GateReport(
         not (failed := verdicts.pop(0)), failed, {}, 0.0))
     registry = AdapterRegistry(memory.db, tmp_path / "adapters")
+    announced = []  # the candidates serving was told of while their gates ran
     cycles = Cycles(memory, registry, tiny_model, CycleConfig(training=FAST, anchors=False, replay_earlier=0,
                                                               replay_at_least=0),
-                    tmp_path, on_promote=lambda a: registry.activate(a.version))
+                    tmp_path, on_promote=lambda a: registry.activate(a.version),
+                    on_candidate=lambda name, folder: announced.append(name and (name, folder.name)))
     memory.add_correction(Q, "Illinois Institute of Technology")
     assert cycles.wait(cycles.submit())["status"] == "succeeded"
     memory.add_correction("Which family does Ramalinaceae belong to?", "Lecanorales")
@@ -491,6 +493,8 @@ def test_a_candidate_that_forgot_is_trained_again_with_every_earlier_correction_
     # rejected for anything else: not trained again
     memory.add_correction("Where was Person 5 born?", "Oss")
     assert cycles.wait(cycles.submit())["status"] == "rejected" and registry.next_version() == 5
+    assert announced == [("ratchet-v1", "v0001"), ("ratchet-v2", "v0002"), ("ratchet-v3", "v0003"),
+                         ("ratchet-v4", "v0004"), None]  # none after a promotion: serving follows it
 
 
 def test_a_candidate_failing_the_gate_is_kept_but_never_served(memory, tiny_model, tmp_path):

@@ -28,7 +28,7 @@ from trainer.dataset import TEMPLATES, Example, examples_for, memory_examples
 from trainer.gate import FORGETTING, GateConfig, GateReport, run_gate
 from trainer.lora import TrainingConfig, train_lora
 from trainer.neighbours import ANCHOR_TEMPLATES, anchor_questions
-from trainer.registry import AdapterRegistry, AdapterStatus, AdapterVersion
+from trainer.registry import AdapterRegistry, AdapterStatus, AdapterVersion, adapter_name
 
 log = logging.getLogger("ratchet.cycles")
 
@@ -108,6 +108,7 @@ class Cycles:
         work_dir: str | Path,
         on_promote: Callable[[AdapterVersion], None],
         admits: Callable[[Correction], bool] = lambda c: True,
+        on_candidate: Callable[[str | None, Path | None], None] = lambda name, folder: None,
     ):
         self.memory = memory
         self.db = memory.db
@@ -117,6 +118,9 @@ class Cycles:
         self.work_dir = Path(work_dir)
         self.on_promote = on_promote
         self.admits = admits  # which corrections may enter the shared adapter (trust)
+        # Told of a trained candidate (name, folder) while its gate runs, so that whoever serves
+        # can get ready for it, and (None, None) when a cycle ends without promoting it.
+        self.on_candidate = on_candidate
         self._queue: queue.Queue[int] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -248,6 +252,7 @@ class Cycles:
     def run(self, cycle_id: int) -> dict:
         """Run one cycle to its end; never raises (a failure is the cycle's status)."""
         cycle = _Cycle(cycle_id, time.monotonic())
+        promoted = False
         self._update(cycle_id, status=CycleStatus.RUNNING, started_at=now(), message="collecting corrections")
         try:
             if not self._collect(cycle):
@@ -263,8 +268,11 @@ class Cycles:
                 self._reject(cycle, adapter)
             else:
                 self._promote(cycle, adapter)
+                promoted = True
         except Exception as e:  # the cycle's failure is data, not a crash of the server
             self._fail(cycle, e)
+        if cycle.version is not None and not promoted:
+            self._announce(None, None)  # no candidate to get ready for any more
         return self.get(cycle_id)
 
     # -- the steps of a cycle ------------------------------------------------------------
@@ -295,12 +303,20 @@ class Cycles:
                             reference_cache=self.work_dir / "anchor_reference.pt",
                             states_cache=self.work_dir / "frozen_states.pt")
         cycle.parent = self.registry.active()
+        self._announce(adapter_name(cycle.version), self.registry.folder_for(cycle.version))
         cycle.metrics = {
             "train_seconds": round(result.seconds, 2),
             "train_steps": result.steps,
             "train_tokens_per_second": round(result.tokens_per_second, 1),
             "final_loss": round(result.final_loss, 4),
         }
+
+    def _announce(self, name: str | None, folder: Path | None) -> None:
+        """Tell `on_candidate`; serving getting ready is a courtesy, never a cycle's failure."""
+        try:
+            self.on_candidate(name, folder)
+        except Exception:
+            log.exception("on_candidate failed for %s", name)
 
     def _judge(self, cycle: _Cycle) -> None:
         """The gate's verdict on the candidate (none when the gate is off)."""

@@ -53,6 +53,10 @@ class Engine(ChatModel, Protocol):
     def follow(self, adapter: str | None, path: str | None) -> None:
         """The active adapter is now `adapter` (None: the base model); an engine may prepare for it."""
 
+    def prepare(self, adapter: str | None, path: str | None) -> None:
+        """A candidate that may become active soon (its gate is running); an engine may get ready
+        to serve it. None: there is no candidate any more."""
+
     def status(self) -> dict:
         """Engine-specific facts for /health (e.g. its merged lanes); {} when there are none."""
 

@@ -35,6 +35,9 @@ class TransformersEngine:
     def follow(self, adapter: str | None, path: str | None) -> None:
         pass  # every adapter is served as loaded
 
+    def prepare(self, adapter: str | None, path: str | None) -> None:
+        pass
+
     def status(self) -> dict:
         return {}
 

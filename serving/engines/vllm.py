@@ -193,6 +193,9 @@ class VLLMEngine:
     def follow(self, adapter: str | None, path: str | None) -> None:
         pass  # every adapter is served as loaded, through LoRA
 
+    def prepare(self, adapter: str | None, path: str | None) -> None:
+        pass  # an adapter is loaded when it is switched to, in well under a second
+
     def status(self) -> dict:
         return {}
 
