@@ -15,6 +15,7 @@ from serving.engines.vllm import VLLMOptions
 from trainer.anchors import BUILT_IN_ANCHORS, load_prompts
 from trainer.base_model import EMBEDDED
 from trainer.cycle import CycleConfig
+from trainer.lora import TrainingConfig
 from trainer.schedule import ScheduleConfig
 
 
@@ -125,9 +126,14 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "vllm" not in values:
             values["vllm"] = VLLMOptions.from_env()
-        if "cycle" not in values and os.environ.get("RATCHET_ANCHOR_PROMPTS"):
+        cycle = {}
+        if os.environ.get("RATCHET_ANCHOR_PROMPTS"):
             extra = load_prompts(os.environ["RATCHET_ANCHOR_PROMPTS"])
-            values["cycle"] = CycleConfig(anchor_prompts=tuple(dict.fromkeys(BUILT_IN_ANCHORS + extra)))
+            cycle["anchor_prompts"] = tuple(dict.fromkeys(BUILT_IN_ANCHORS + extra))
+        if os.environ.get("RATCHET_REPLAY_PASSES"):
+            cycle["training"] = TrainingConfig(replay_passes=_int(os.environ["RATCHET_REPLAY_PASSES"]))
+        if "cycle" not in values and cycle:
+            values["cycle"] = CycleConfig(**cycle)
         return cls(**values, schedule=ScheduleConfig(every=every, after_corrections=after))
 
 

@@ -31,7 +31,8 @@ ENV = {
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in [*ENV, "RATCHET_CONSOLIDATE_EVERY", "RATCHET_CONSOLIDATE_AFTER", "RATCHET_ANCHOR_PROMPTS"]:
+    for name in [*ENV, "RATCHET_CONSOLIDATE_EVERY", "RATCHET_CONSOLIDATE_AFTER", "RATCHET_ANCHOR_PROMPTS",
+                 "RATCHET_REPLAY_PASSES"]:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -44,6 +45,15 @@ def test_each_variable_is_honoured_when_the_command_leaves_its_option_unset(clea
     settings = Settings.load(engine=None, host=None, port=None, data_dir=None, model=None,
                              consolidate_every=None, consolidate_after=None)
     assert getattr(settings, field) == expected
+
+
+def test_replay_passes_set_how_often_a_cycle_replays_earlier_corrections(clean_env):
+    assert Settings.load().cycle.training.replay_passes is None  # every epoch
+    clean_env.setenv("RATCHET_REPLAY_PASSES", "1")
+    assert Settings.load().cycle.training.replay_passes == 1
+    clean_env.setenv("RATCHET_REPLAY_PASSES", "9")
+    with pytest.raises(ValueError, match="replay_passes must be between 1 and epochs"):
+        Settings.load()
 
 
 def test_an_option_wins_over_its_variable(clean_env, tmp_path):

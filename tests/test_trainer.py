@@ -124,6 +124,17 @@ def test_anchors_per_epoch_bounds_the_steps(tiny_model, tmp_path):
     assert some.steps == 2 * 2  # (2 + 4) / 4, twice
 
 
+def test_replay_passes_draw_the_replayed_corrections_in_turn(tiny_model, tmp_path):
+
+    examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
+    examples += [replace(e, replayed=True) for e in examples_for(
+        [Correction(i, f"Where was Person {i} born?", f"Town {i}", None, "") for i in range(2, 10)], ("{q}",))]
+    every = train_lora(tiny_model, examples, tmp_path / "a", replace(FAST, epochs=2))
+    once = train_lora(tiny_model, examples, tmp_path / "b", replace(FAST, epochs=2, replay_passes=1))
+    assert every.steps == 2 * 3  # (2 new + 8 replayed) / 4 a batch, twice
+    assert once.steps == 2 * 2  # (2 new + 8 / 2 replayed) / 4, twice: each replayed once
+
+
 def test_pinned_anchors_are_trained_every_epoch_not_drawn_in_turn(tiny_model, tmp_path):
 
     examples = examples_for([Correction(1, Q, "Illinois Institute of Technology", None, "")], ("{q}", "Q: {q}"))
@@ -453,6 +464,8 @@ def test_a_second_cycle_continues_the_active_adapter_with_replay(memory, tiny_mo
     plan = json.loads((registry.folder_for(2) / "ratchet.json").read_text())["plan"]
     assert plan["start"] == "active" and plan["init_adapter"] == str(registry.folder_for(1))
     assert plan["replayed_earlier"] == 1 and plan["correction_examples"] == 3  # 2 phrasings + 1 replayed
+    examples, _ = cycles.plan(cycles.corrections(), [])
+    assert {e.prompt for e in examples if e.replayed} == {Q, "Which family does Ramalinaceae belong to?"}
     assert registry.get(2).parent == 1
     # replayed: replay_earlier per new correction, at least replay_at_least, at most all earlier ones
     memory.add_correction("Where was Person 5 born?", "Oss")
@@ -579,6 +592,7 @@ def test_anchor_prompts_come_from_a_file_on_top_of_the_built_in_ones(tmp_path, m
     (lambda: TrainingConfig(distill_weight=-1), "distill_weight must not be negative"),
     (lambda: TrainingConfig(distill_top_k=0), "distill_top_k must be at least 1"),
     (lambda: TrainingConfig(anchors_per_epoch=-1), "anchors_per_epoch must not be negative"),
+    (lambda: TrainingConfig(epochs=4, replay_passes=5), "replay_passes must be between 1 and epochs"),
     (lambda: TrainingConfig(grad_clip=-0.5), "grad_clip must not be negative"),
     (lambda: TrainingConfig(dropout=1.0), "dropout must be in \\[0, 1\\)"),
     (lambda: CycleConfig(templates=0), "templates must be between 1 and 4"),

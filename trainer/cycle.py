@@ -224,7 +224,7 @@ class Cycles:
             k = len(earlier) if replay_all else min(len(earlier), max(round(cfg.replay_earlier * len(new)),
                                                                       cfg.replay_at_least))
             replay = rng.sample(earlier, k) if k else []
-            examples = examples_for(new, templates) + examples_for(replay, templates[:1])
+            examples = examples_for(new, templates) + [replace(e, replayed=True) for e in examples_for(replay, templates[:1])]
             replayed = len(replay)
         if cfg.memory_examples:
             examples += memory_examples(corrections if init is None else new, seed=cfg.training.seed)

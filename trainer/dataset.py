@@ -32,6 +32,9 @@ class Example:
     # An anchor trained every epoch, like a correction, rather than drawn in turn with the general
     # ones (trainer.lora.TrainingConfig.anchors_per_epoch): a neighbour of this cycle's corrections.
     pinned: bool = False
+    # An earlier correction replayed so that it is not forgotten: drawn in turn when
+    # trainer.lora.TrainingConfig.replay_passes is set, else trained every epoch like the new ones.
+    replayed: bool = False
     # Retrieved memories (question, answer) shown before the prompt, in the order they appear.
     context: tuple[tuple[str, str], ...] = ()
 
@@ -90,7 +93,8 @@ def encode(tokenizer, example: Example, max_len: int) -> dict:
     answer_ids = tokenizer(example.answer + end, add_special_tokens=False)["input_ids"]
     ids = (list(prompt_ids) + list(answer_ids))[:max_len]
     labels = ([-100] * len(prompt_ids) + list(answer_ids))[:max_len]
-    return {"input_ids": ids, "labels": labels, "distill": example.distill, "pinned": example.pinned}
+    return {"input_ids": ids, "labels": labels, "distill": example.distill, "pinned": example.pinned,
+            "replayed": example.replayed}
 
 
 def _end_of_turn(tokenizer) -> str:

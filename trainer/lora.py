@@ -41,6 +41,9 @@ class TrainingConfig:
     # Anchors drawn per epoch, in turn from the whole set so that every one is seen; 0: all of
     # them every epoch. Bounds a cycle's cost when a deployment supplies thousands of anchors.
     anchors_per_epoch: int = 256
+    # Passes over the replayed earlier corrections (Example.replayed) in one training, drawn in
+    # turn across the epochs; None: every one every epoch, like the new corrections.
+    replay_passes: int | None = None
     grad_clip: float = 1.0  # clip the gradients' norm at this value; 0 disables clipping
     # Compute the frozen layers' output once per example (trainer.fastforward); costs the
     # states' memory (examples × tokens × hidden size).
@@ -63,6 +66,9 @@ class TrainingConfig:
             raise ValueError(f"alpha must be positive (got {self.alpha}): the adapter's update is scaled by alpha / r")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive (got {self.learning_rate}): nothing would be learned")
+        if self.replay_passes is not None and not 1 <= self.replay_passes <= self.epochs:
+            raise ValueError(f"replay_passes must be between 1 and epochs ({self.epochs}), or None for every "
+                             f"epoch (got {self.replay_passes})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, or None for torch's default (got {self.threads})")
 
@@ -117,19 +123,28 @@ def train_lora(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    # rows drawn in turn, a share each epoch (general anchors; replayed corrections with
+    # replay_passes), and the others, trained every epoch
     anchors = [i for i, x in enumerate(data) if x["distill"] and not x.get("pinned")]
-    others = [i for i, x in enumerate(data) if not x["distill"] or x.get("pinned")]
+    replayed = [i for i, x in enumerate(data) if x.get("replayed") and not x["distill"] and config.replay_passes]
+    drawn = set(anchors) | set(replayed)
+    others = [i for i in range(len(data)) if i not in drawn]
     random.shuffle(anchors)
+    random.shuffle(replayed)
     per_epoch = min(config.anchors_per_epoch or len(anchors), len(anchors))
-    batches_per_epoch = math.ceil((len(others) + per_epoch) / config.batch_size)
+    replay_per_epoch = math.ceil(len(replayed) * (config.replay_passes or 0) / config.epochs)
+    batches_per_epoch = math.ceil((len(others) + per_epoch + replay_per_epoch) / config.batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / batches_per_epoch))
     total = epochs * batches_per_epoch
     lengths = [len(x["input_ids"]) for x in data]
 
+    def in_turn(rows: list[int], n: int, epoch: int) -> list[int]:
+        return [rows[(epoch * n + j) % len(rows)] for j in range(n)] if rows else []
+
     # -- the loop ------------------------------------------------------------------------
     step, tokens, losses = 0, 0, []
     for epoch in range(epochs):
-        order = others + [anchors[(epoch * per_epoch + j) % len(anchors)] for j in range(per_epoch)]
+        order = others + in_turn(anchors, per_epoch, epoch) + in_turn(replayed, replay_per_epoch, epoch)
         for batch_ids in length_grouped(order, lengths, config.batch_size):
             batch = [data[i] for i in batch_ids]
             lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay
