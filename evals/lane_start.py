@@ -14,35 +14,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from evals.lora_overhead import started, tokens_per_second
+
 CONFIGS = {"eager": ["--enforce-eager"], "compiled": []}
 
 
 def measure(base_model: str, extra_args: list[str], questions: list[str], log_path: Path) -> dict:
-    from serving.engines.vllm import VLLMEngine, VLLMOptions
+    from serving.engines.vllm import VLLMOptions
 
-    engine = VLLMEngine(base_model, VLLMOptions(enable_lora=False, extra_args=extra_args), log_path=log_path)
-    started = time.perf_counter()
-    engine.start()
-    result = {"startup_s": round(time.perf_counter() - started, 1)}
-    try:
-        engine.complete([{"role": "user", "content": "Warm up."}], max_tokens=8)
+    options = VLLMOptions(enable_lora=False, extra_args=extra_args)
+    with started(base_model, options, log_path) as (engine, startup_s):
+        serial = tokens_per_second(engine, None, 32, questions[:16])
 
         def tokens(q: str) -> int:
             return engine.complete([{"role": "user", "content": q}], max_tokens=32).completion_tokens
 
-        started = time.perf_counter()
+        began = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
             n = sum(pool.map(tokens, questions))
-        seconds = time.perf_counter() - started
-        result.update({"concurrent8_tokens": n, "concurrent8_s": round(seconds, 1),
-                       "concurrent8_tokens_per_s": round(n / seconds, 1)})
-        started = time.perf_counter()
-        n = sum(tokens(q) for q in questions[:16])
-        seconds = time.perf_counter() - started
-        result.update({"serial_tokens_per_s": round(n / seconds, 1)})
-    finally:
-        engine.stop()
-    return result
+        seconds = time.perf_counter() - began
+    return {"startup_s": startup_s, "concurrent8_tokens": n, "concurrent8_s": round(seconds, 1),
+            "concurrent8_tokens_per_s": round(n / seconds, 1), "serial_tokens_per_s": serial["tokens_per_second"]}
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ per token is the same as a trained one's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -51,36 +52,46 @@ def synthetic_adapter(base_model: str, out: Path, r: int = 16, seed: int = 0) ->
     return out
 
 
-def tokens_per_second(engine, adapter: str | None, max_tokens: int) -> dict:
+@contextlib.contextmanager
+def started(model: str, options, log_path: Path):
+    """A vLLM engine on `model`, started for a measure, with the seconds it took to serve; stopped after."""
+    from serving.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(model, options, log_path=log_path)
+    began = time.perf_counter()
+    engine.start()
+    try:
+        yield engine, round(time.perf_counter() - began, 1)
+    finally:
+        engine.stop()
+
+
+def tokens_per_second(engine, adapter: str | None, max_tokens: int, prompts: list[str] = PROMPTS) -> dict:
+    """Completion tokens/s of `prompts` asked one at a time, after a warm-up request."""
     engine.complete([{"role": "user", "content": "Warm up."}], adapter=adapter, max_tokens=8)
     tokens, seconds = 0, 0.0
-    for prompt in PROMPTS:
-        started = time.perf_counter()
+    for prompt in prompts:
+        began = time.perf_counter()
         c = engine.complete([{"role": "user", "content": prompt}], adapter=adapter, max_tokens=max_tokens)
-        seconds += time.perf_counter() - started
+        seconds += time.perf_counter() - began
         tokens += c.completion_tokens
     return {"tokens_per_second": round(tokens / seconds, 2), "completion_tokens": tokens, "seconds": round(seconds, 2)}
 
 
 def run(config: str, base_model: str, adapter: Path, merged: Path, max_tokens: int, log_dir: Path) -> dict:
-    from serving.engines.vllm import VLLMEngine, VLLMOptions
+    from serving.engines.vllm import VLLMOptions
 
     spec = dict(CONFIGS[config])
     enable_lora = spec.pop("enable_lora", True)
     model = base_model if enable_lora else str(merged)
-    engine = VLLMEngine(model, VLLMOptions(enable_lora=enable_lora, **spec), log_path=log_dir / f"vllm-{config}.log")
-    started = time.perf_counter()
-    engine.start()
-    result = {"config": config, "startup_s": round(time.perf_counter() - started, 1)}
-    try:
+    with started(model, VLLMOptions(enable_lora=enable_lora, **spec), log_dir / f"vllm-{config}.log") as (engine, startup_s):
+        result = {"config": config, "startup_s": startup_s}
         result["base"] = tokens_per_second(engine, None, max_tokens)
         if enable_lora:
             engine.load_adapter("a", str(adapter))
             result["adapter"] = tokens_per_second(engine, "a", max_tokens)
         else:  # the merged model is the adapter's behaviour at the base model's cost
             result["adapter"] = result["base"]
-    finally:
-        engine.stop()
     return result
 
 

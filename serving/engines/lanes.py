@@ -104,6 +104,10 @@ class MergedLanes:
         with self._cond:
             return [w for w in (self._wanted, self._candidate) if w is not None]
 
+    def _wished(self, adapter: str) -> bool:
+        """Whether a lane for `adapter` is still wanted (active or candidate)."""
+        return any(name == adapter for name, _ in self._wishes())
+
     def _build_loop(self) -> None:
         # Lanes are started from this thread, which lives as long as the engine: vLLM's
         # PR_SET_PDEATHSIG is tied to the thread that spawned it.
@@ -113,11 +117,10 @@ class MergedLanes:
                 job = self._jobs.get()
             if job is None:
                 return
-            wishes = self._wishes()
             for name in self.lanes:
-                if name not in {adapter for adapter, _ in wishes}:
+                if not self._wished(name):
                     self._retire(name)
-            for adapter, path in wishes:
+            for adapter, path in self._wishes():
                 if adapter not in self.lanes and not self._build(adapter, path):
                     return
 
@@ -140,7 +143,7 @@ class MergedLanes:
             with self._cond:
                 self._starting = None
         with self._cond:
-            if adapter in {a for a, _ in self._wishes()} and not self._stopping:
+            if self._wished(adapter) and not self._stopping:
                 self._lanes[adapter] = lane
                 lane = None
         if lane is not None:  # no longer wanted while it was starting
