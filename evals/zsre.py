@@ -303,9 +303,11 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
 
     @contextlib.contextmanager
     def phase(name: str):
-        t0 = time.monotonic()
-        yield
-        phases[name] = round(phases.get(name, 0.0) + time.monotonic() - t0, 1)
+        """Time a piece of work under `name`; the dict it gives holds its own seconds afterwards."""
+        t0, took = time.monotonic(), {}
+        yield took
+        took["seconds"] = time.monotonic() - t0
+        phases[name] = round(phases.get(name, 0.0) + took["seconds"], 1)
 
     with progress:
         if base is None:
@@ -335,11 +337,10 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
             if not consolidate:
                 continue
             task = progress.add_task(f"cycle {c}: consolidating", total=None)
-            t0 = time.monotonic()
-            with phase("consolidation (training and gate)"):
+            with phase("consolidation (training and gate)") as took:
                 cycle = client.consolidate()
             progress.remove_task(task)
-            cycle_seconds = time.monotonic() - t0
+            cycle_seconds = took["seconds"]
             if lane_wait:
                 with phase("waiting for the merged lane"):
                     wait_for_lane(client, lane_wait)

@@ -230,3 +230,39 @@ def test_served_again_sets_recorded_and_served_figures_side_by_side(tmp_path):
     md = (tmp_path / "served.md").read_text()
     assert "| weights_only | recorded | — | — | — | 0.254 | — |" in md
     assert "| weights_only | now | 0.990 | — | — | 0.024 | 713 |" in md and "once per record" in md
+
+
+def test_a_run_times_each_cycle_and_each_kind_of_work_with_a_fake_server():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evals import zsre
+
+    class Server(zsre.Client):  # answers "Paris" to everything; a consolidation takes 0.2 s
+        def __init__(self):
+            self.pool, self.chat_ms, self.retrieval_ms, self.asked = ThreadPoolExecutor(2), [], [], 0
+
+        def ask(self, question, model, memory, max_tokens=zsre.MAX_TOKENS):
+            self.asked += 1
+            self.chat_ms.append(1.0)
+            self.retrieval_ms.append(0.1)
+            return {"id": str(self.asked), "text": "Paris", "memories": []}
+
+        def correct(self, response_id, answer):
+            pass
+
+        def agreement(self, question, completion, model):
+            return 3, 4
+
+        def consolidate(self):
+            time.sleep(0.2)
+            return {"status": "promoted", "adapter": "ratchet-v1", "metrics": {}}
+
+    records = [{"id": f"r{i}", "subject": "Narcy", "question": f"Where is Narcy {i}?", "paraphrase": "Narcy?",
+                "answer": "Paris" if i % 2 else "Tours", "locality_question": "Why?", "neighbours": ["Who is Narcy?"]}
+               for i in range(4)]
+    out = zsre._run(Server(), records, 2)
+    assert [c["cycle"] for c in out["cycles"]] == [1, 2]
+    assert all(c["cycle_seconds"] >= 0.2 for c in out["cycles"])
+    assert out["phases_seconds"]["consolidation (training and gate)"] >= 0.4
+    assert out["cycles"][-1]["weights"]["reliability"] == 0.5  # "Paris" gives the odd records only
