@@ -60,6 +60,13 @@ class Matcher:
         self._lock = threading.Lock()
         self._model = None
 
+    def load(self) -> None:
+        """Build the model now rather than at the first question: a server does it before a
+        consolidation cycle can build models beside it (trainer.base_model.building)."""
+        with self._lock:
+            if self._model is None:
+                self._model = self._load()
+
     def _load(self):
         import torch
         from peft import PeftModel
@@ -82,9 +89,8 @@ class Matcher:
         if not asked:
             return out
         queries = [query] * len(asked)
+        self.load()
         with self._lock:
-            if self._model is None:
-                self._model = self._load()
             torch, tokenizer, encoder, head = self._model
             before = torch.get_num_threads()
             torch.set_num_threads(self.threads)

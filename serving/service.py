@@ -106,7 +106,7 @@ class Ratchet:
         manage keys or rebuild the index while no server runs."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        matcher = Matcher() if settings.same_question and not offline else None
+        self._matcher = matcher = Matcher() if settings.same_question and not offline else None
         self.memory = Memory(settings.data_dir, open_index=not offline, embedder_dir=settings.embedder_dir,
                              matcher=matcher)
         self.registry = AdapterRegistry(self.memory.db, settings.data_dir / "adapters")
@@ -181,6 +181,8 @@ class Ratchet:
                                                      model=ACTIVE_NAME, adapter=version.name)
 
         self.runtime.start(on_load_failure=listed)
+        if self._matcher is not None:
+            self._matcher.load()
         self.schedule.start()
 
     def stop(self) -> None:

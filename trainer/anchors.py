@@ -285,13 +285,13 @@ def base_answers(base_model: str, cache: Path, prompts=GENERAL_PROMPTS, max_new_
 
 
 def _generate(base_model: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from trainer.base_model import load_causal_lm
     from trainer.evaluate import greedy_ids
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+    model = load_causal_lm(base_model).eval()
     rows = greedy_ids(model, tokenizer, prompts, max_new_tokens)
     return [{"text": tokenizer.decode(row, skip_special_tokens=True).strip(), "complete": len(row) < max_new_tokens}
             for row in rows]

