@@ -25,8 +25,8 @@ import threading
 from pathlib import Path
 
 from serving.engines import Capabilities
-from trainer.base_model import load_causal_lm
 from serving.engines.vllm import VLLMEngine, VLLMOptions, _die_with_parent
+from trainer.base_model import load_causal_lm
 
 log = logging.getLogger("ratchet.lanes")
 
