@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through RatchetServer.__exit__, which stops the server
 
 
 class RatchetServer:
@@ -38,9 +44,12 @@ class RatchetServer:
         self.proc: subprocess.Popen | None = None
         self.left_running: list[str] = []
         self._client: RatchetClient | None = None
+        self._sigterm = None  # the SIGTERM handler before ours, put back on exit
 
     def __enter__(self) -> "RatchetServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if threading.current_thread() is threading.main_thread():  # a benchmark killed (SIGTERM) stops its server
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         env = {**os.environ, **self.extra_env}
         if self.models_dir:
             env["RATCHET_MODELS_DIR"] = str(self.models_dir)
@@ -68,6 +77,9 @@ class RatchetServer:
         import psutil
 
         proc, self.proc = self.proc, None
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
         if proc is None:
             return
         try:

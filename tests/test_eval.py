@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from serving.cli import app
-from tests.conftest import ZSRE
+from tests.conftest import ROOT, ZSRE
 from memory.text import is_correct, normalise
 
 
@@ -266,3 +266,39 @@ def test_a_run_times_each_cycle_and_each_kind_of_work_with_a_fake_server():
     assert all(c["cycle_seconds"] >= 0.2 for c in out["cycles"])
     assert out["phases_seconds"]["consolidation (training and gate)"] >= 0.4
     assert out["cycles"][-1]["weights"]["reliability"] == 0.5  # "Paris" gives the odd records only
+
+
+def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import textwrap
+
+    import psutil
+
+    bench = textwrap.dedent('''
+        import sys, time
+        from evals.server import RatchetServer
+
+        SERVE = ("import http.server as h\\n"
+                 "class H(h.BaseHTTPRequestHandler):\\n"
+                 "    def do_GET(self):\\n"
+                 "        self.send_response(200); self.end_headers()\\n"
+                 "h.HTTPServer(('127.0.0.1', %d), H).serve_forever()")
+
+        class Fake(RatchetServer):  # answers /health at once
+            def command(self):
+                return [sys.executable, "-c", SERVE % self.port]
+
+        with Fake(sys.argv[1], engine="fake") as server:
+            print(server.proc.pid, flush=True)
+            time.sleep(600)
+    ''')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", bench, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    server_pid = int(proc.stdout.readline())
+    assert psutil.pid_exists(server_pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
