@@ -43,7 +43,8 @@ class TrainingConfig:
     # them every epoch. Bounds a cycle's cost when a deployment supplies thousands of anchors.
     anchors_per_epoch: int = 256
     # Passes over the replayed earlier corrections (Example.replayed) in one training, drawn in
-    # turn across the epochs; None: every one every epoch, like the new corrections.
+    # turn across the epochs; None: every one every epoch, like the new corrections. One pass
+    # forgot a quarter of them (reports/zsre-report-n1000-k100-2026-12-06e/notes.md).
     replay_passes: int | None = None
     grad_clip: float = 1.0  # clip the gradients' norm at this value; 0 disables clipping
     # Compute the frozen layers' output once per example (trainer.fastforward); costs the
