@@ -4,6 +4,17 @@ import time
 from serving.engines.turns import AdapterTurns
 
 
+def staggered(request, calls: list[tuple]) -> bool:
+    """Run `request(*args)` for each of `calls` in its own thread, 5 ms apart; did all end?"""
+    threads = [threading.Thread(target=request, args=args) for args in calls]
+    for t in threads:
+        t.start()
+        time.sleep(0.005)
+    for t in threads:
+        t.join(10)
+    return not any(t.is_alive() for t in threads)
+
+
 def test_requests_for_different_adapters_never_overlap_and_the_same_one_shares_its_turn():
     turns = AdapterTurns()
     running: list[str | None] = []
@@ -23,13 +34,7 @@ def test_requests_for_different_adapters_never_overlap_and_the_same_one_shares_i
             with lock:
                 running.remove(adapter)
 
-    threads = [threading.Thread(target=request, args=(a, 0.05)) for a in [None, None, "v1", None, "v1", "v2", None] * 3]
-    for t in threads:
-        t.start()
-        time.sleep(0.005)
-    for t in threads:
-        t.join(10)
-    assert not any(t.is_alive() for t in threads)
+    assert staggered(request, [(a, 0.05) for a in [None, None, "v1", None, "v1", "v2", None] * 3])
     assert overlaps == []  # the base model and each adapter in turns
     assert shared  # requests for one adapter still run together
 
@@ -78,11 +83,5 @@ def test_a_request_alone_shares_its_turn_with_nobody_not_even_the_base_model():
             with lock:
                 running.remove(kind)
 
-    threads = [threading.Thread(target=request, args=(k, 0.03)) for k in ["base", "alone", "alone", "base", "base"] * 3]
-    for t in threads:
-        t.start()
-        time.sleep(0.005)
-    for t in threads:
-        t.join(10)
-    assert not any(t.is_alive() for t in threads)
+    assert staggered(request, [(k, 0.03) for k in ["base", "alone", "alone", "base", "base"] * 3])
     assert overlaps == []
