@@ -226,9 +226,9 @@ def wait_for_lane(client: Client, wait: float) -> bool:
 
 
 def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Path = ZSRE,
-        engine: str = "vllm", models_dir: str | None = None, concurrency: int = 4, anchors: str = "built-in",
+        engine: str = "vllm", models_dir: str | None = None, concurrency: int = 24, anchors: str = "built-in",
         merged_lane: bool = False, split: str = "report", neighbours: int = 6, corrections: str = "short",
-        tiers: str = "all", base_from: Path | None = None, sample: int | None = None) -> dict:
+        tiers: str = "all", base_from: Path | None = None, sample: int | None = None, resume: bool = False) -> dict:
     """`anchors` (for the server it starts): "built-in": the replay prompts a server has by default
     (trainer.anchors.BUILT_IN_ANCHORS); "nq" adds to them 150 Natural Questions queries from
     records after the evaluated ones, never one of their locality questions. `split`: SPLITS.
@@ -237,44 +237,95 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
     `base_from`: an earlier run's results.json on the same records, whose base-model answers are
     taken instead of asking again (greedy answers of the same model; a third of a memory-tier run).
     `sample`: records measured in full (sample_of); the others are asked only their question and
-    paraphrase, as corrected and, in later cycles, not again: what a long run (N=1000) can afford."""
+    paraphrase, as corrected and, in later cycles, not again: what a long run (N=1000) can afford.
+    `resume`: continue the run `output` holds (STATE_FILE) where it stopped, on its server's data."""
     if corrections not in CORRECTION_STYLES:
         raise ValueError(f"corrections must be one of {', '.join(CORRECTION_STYLES)}, not {corrections!r}")
     if tiers not in ("all", "memory"):
         raise ValueError(f"tiers must be 'all' or 'memory', not {tiers!r}")
+    if anchors not in ("built-in", "nq"):
+        raise ValueError(f"anchors must be 'built-in' or 'nq', not {anchors!r}")
     full = sample_of(n, sample)
     records = with_neighbours(load_records(n, data, split), all_records(data), neighbours, full)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    options = {"n": n, "cycle_every": cycle_every, "data": str(data), "url": url, "engine": engine,
+               "anchors": anchors, "merged_lane": merged_lane, "split": split, "neighbours": neighbours,
+               "corrections": corrections, "tiers": tiers, "sample": sample}
+    state = resumed_state(output, options) if resume else new_state(output, options)
     # each cycle's figures as it ends, so that a run stopped before its end keeps what it measured
     so_far = output / "cycles-so-far.json"
-    options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all", full=full,
-                   on_cycle=lambda partial: so_far.write_text(json.dumps(partial, indent=1)),
-                   base=earlier_base(base_from, records) if base_from else None)
+    run_options = dict(k=cycle_every, corrections=corrections, consolidate=tiers == "all", full=full,
+                       on_cycle=lambda partial: so_far.write_text(json.dumps(partial, indent=1)),
+                       base=earlier_base(base_from, records) if base_from else None,
+                       state=state, save=lambda: save_state(output, state))
     if url is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=output))
+        data_dir = Path(state["data_dir"]) if state.get("data_dir") else Path(tempfile.mkdtemp(prefix="data-", dir=output))
+        state["data_dir"] = str(data_dir)
         env = {"RATCHET_MERGED_LANE": "1"} if merged_lane else {}
         if anchors == "nq":
             (data_dir / "anchor_prompts.txt").write_text("\n".join(nq_anchor_prompts(records, path=data)) + "\n")
             env["RATCHET_ANCHOR_PROMPTS"] = str(data_dir / "anchor_prompts.txt")
-        elif anchors != "built-in":
-            raise ValueError(f"anchors must be 'built-in' or 'nq', not {anchors!r}")
-        console.print(f"starting ratchet serve ({engine}) in {data_dir} ...")
+        console.print(f"{'resuming' if resume else 'starting'} ratchet serve ({engine}) in {data_dir} ...")
         with RatchetServer(data_dir, engine=engine, models_dir=models_dir, env=env) as server:
+            state["segments"][-1]["server_start_seconds"] = round(time.monotonic() - started, 1)
             results = _run(Client(server.url, concurrency), records, lane_wait=300.0 if merged_lane else 0.0,
-                           **options)
+                           **run_options)
     else:
-        results = _run(Client(url, concurrency), records, **options)
+        results = _run(Client(url, concurrency), records, **run_options)
+    state["segments"][-1]["seconds"] = round(time.monotonic() - started, 1)
     results.update({"n": n, "cycle_every": cycle_every, "split": split,
                     "first_record": records[0]["id"] if records else None, "neighbours_per_record": neighbours,
                     "neighbours_per": "subject",
                     "corrections": corrections, "tiers": tiers, "sample": sample, "base_from": str(base_from) if base_from else None,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
-                    "correctness_rule": JUDGE_RULE, "seconds": round(time.monotonic() - started, 1)})
+                    "correctness_rule": JUDGE_RULE, "concurrency": concurrency,
+                    # a resumed run's wall time is the sum of its segments' (each restarts the server)
+                    "segments": state["segments"],
+                    "seconds": round(sum(seg.get("seconds", 0.0) for seg in state["segments"]), 1)})
     (output / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, output)
+    (output / STATE_FILE).unlink(missing_ok=True)  # finished: nothing to resume
     return results
+
+
+# Where a run keeps what it has done so far (answers, cycles, timings), rewritten after each step,
+# so that `--resume` continues a run a crash or a closed session stopped; removed when it ends.
+STATE_FILE = "run-state.json"
+
+
+def new_state(output: Path, options: dict) -> dict:
+    """The state of a run starting in `output`; an unfinished run there is an error, not overwritten."""
+    if (output / STATE_FILE).exists():
+        raise ValueError(f"{output} holds an unfinished run ({STATE_FILE}): pass --resume to continue it, "
+                         "or choose another --output")
+    return {"options": options, "segments": [{"started_at": _now()}]}
+
+
+def resumed_state(output: Path, options: dict) -> dict:
+    """The state of the unfinished run in `output`, which must have been started with `options`."""
+    path = output / STATE_FILE
+    if not path.exists():
+        raise ValueError(f"{output} holds no unfinished run to resume ({STATE_FILE} not found)")
+    state = json.loads(path.read_text())
+    differ = {k: (state["options"].get(k), v) for k, v in options.items() if state["options"].get(k) != v}
+    if differ:
+        raise ValueError("a resumed run takes the options it was started with; these differ (then, now): "
+                         + "; ".join(f"{k} {a!r}, {b!r}" for k, (a, b) in differ.items()))
+    state["segments"].append({"started_at": _now(), "resumed_at_cycle": len(state.get("cycles", [])) + 1})
+    return state
+
+
+def save_state(output: Path, state: dict) -> None:
+    """Write the run's state whole or not at all (a crash while writing keeps the previous one)."""
+    tmp = output / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(output / STATE_FILE)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def earlier_base(path: Path, records: list[dict]) -> list[dict]:
@@ -293,13 +344,28 @@ def earlier_base(path: Path, records: list[dict]) -> list[dict]:
 
 def _run(client: Client, records: list[dict], k: int, corrections: str = "short", consolidate: bool = True,
          lane_wait: float = 0.0, base: list[dict] | None = None, full: set[int] | None = None,
-         on_cycle: Callable[[dict], None] = lambda partial: None) -> dict:
+         on_cycle: Callable[[dict], None] = lambda partial: None, state: dict | None = None,
+         save: Callable[[], None] = lambda: None) -> dict:
+    """The run's work, step by step. `state` (run's STATE_FILE) holds what is done, and `save` keeps
+    it after each step: a state from a stopped run continues after its last step (a step cut short
+    is done again; corrections sent again merge with their first copy in memory)."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     full = set(range(len(records))) if full is None else full
     asked = [r if i in full else slim(r) for i, r in enumerate(records)]  # what is asked of each record
     measured = sorted(full)
-    phases: dict[str, float] = {}  # seconds spent on each kind of work, to see what a long run costs
+    state = {} if state is None else state
+    # seconds spent on each kind of work, to see what a long run costs
+    phases: dict[str, float] = state.setdefault("phases_seconds", {})
+    client.chat_ms[:0], client.retrieval_ms[:0] = state.get("chat_ms", []), state.get("retrieval_ms", [])
+    # this segment's seconds, the server's start included (run), kept with each step
+    segment_started = time.monotonic() - state.get("segments", [{}])[-1].get("server_start_seconds", 0.0)
+
+    def step_done() -> None:
+        state.update(chat_ms=client.chat_ms, retrieval_ms=client.retrieval_ms)
+        if state.get("segments"):
+            state["segments"][-1]["seconds"] = round(time.monotonic() - segment_started, 1)
+        save()
 
     @contextlib.contextmanager
     def phase(name: str):
@@ -310,6 +376,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
         phases[name] = round(phases.get(name, 0.0) + took["seconds"], 1)
 
     with progress:
+        base = state.get("base", base)
         if base is None:
             # asked only what is measured in full: elsewhere its answers would give nothing but the
             # base's reliability on all N, at a tenth of an N=1000 run's wall time
@@ -318,11 +385,20 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 for i, b in zip(measured, answers(client, [asked[i] for i in measured], "ratchet-base", False,
                                                   progress, "base model")):
                     base[i] = b
-        memory_tier: list[dict] = [None] * len(records)
-        cycles = []
-        previous_weights: dict[int, bool] = {}
+        state["base"] = base
+        step_done()
+        memory_tier: list[dict] = state.setdefault("memory_tier", [None] * len(records))
+        cycles: list[dict] = state.setdefault("cycles", [])
+        # the last cycle's weights-tier answers and which corrections they gave (JSON keys are strings)
+        previous_weights = {int(i): v for i, v in state.get("previous_weights", {}).items()}
+        last_weights = {int(i): v for i, v in state.get("last_weights", {}).items()}
         for c, start in enumerate(range(0, len(records), k), start=1):
+            if start < state.get("next", 0):
+                continue  # done before the run was resumed
             chunk = list(range(start, min(start + k, len(records))))
+            doing = state.get("doing") or {}
+            doing = doing if doing.get("start") == start else {"start": start}
+            state["doing"] = doing  # how far this chunk got: taught, then consolidated
 
             def teach(i: int) -> dict:
                 r = records[i]
@@ -331,16 +407,24 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                 client.correct(first["id"], correction_text(r, corrections))
                 return ask_all(client, asked[i], "ratchet", True)
 
-            with phase("correcting and the memory tier at once"):
-                for i, got in zip(chunk, client.map(teach, chunk, progress, f"cycle {c}: correcting")):
-                    memory_tier[i] = got
+            if not doing.get("taught"):
+                with phase("correcting and the memory tier at once"):
+                    for i, got in zip(chunk, client.map(teach, chunk, progress, f"cycle {c}: correcting")):
+                        memory_tier[i] = got
+                doing["taught"] = True
+                step_done()
             if not consolidate:
+                state.update(next=chunk[-1] + 1, doing=None)
+                step_done()
                 continue
-            task = progress.add_task(f"cycle {c}: consolidating", total=None)
-            with phase("consolidation (training and gate)") as took:
-                cycle = client.consolidate()
-            progress.remove_task(task)
-            cycle_seconds = took["seconds"]
+            if doing.get("cycle") is None:
+                task = progress.add_task(f"cycle {c}: consolidating", total=None)
+                with phase("consolidation (training and gate)") as took:
+                    doing["cycle"] = client.consolidate()
+                progress.remove_task(task)
+                doing["cycle_seconds"] = took["seconds"]
+                step_done()
+            cycle, cycle_seconds = doing["cycle"], doing["cycle_seconds"]
             if lane_wait:
                 with phase("waiting for the merged lane"):
                     wait_for_lane(client, lane_wait)
@@ -388,6 +472,8 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
                         neighbours=True)
             previous_weights, last_weights = right_now, weights
             cycles.append(row)
+            state.update(next=chunk[-1] + 1, doing=None, previous_weights=previous_weights, last_weights=last_weights)
+            step_done()
             on_cycle({"cycles": cycles, "phases_seconds": phases})
             console.print(f"cycle {c}: {cycle['status']} in {cycle_seconds:.0f} s; weights reliability "
                           f"{row['weights']['reliability']:.2f}, generalisation {row['weights']['generalisation']:.2f}, "

@@ -10,7 +10,7 @@ N=${N:-1000}
 K=${K:-100}
 SAMPLE=${SAMPLE:-$((N >= 1000 ? 100 : N))}  # records measured in full (ratchet eval zsre --sample)
 PY=.venv/bin/python
-.venv/bin/ratchet eval zsre --n "$N" --cycle-every "$K" --merged-lane --concurrency 8 --sample "$SAMPLE" --output "reports/zsre-report-n$N-k$K"
+.venv/bin/ratchet eval zsre --n "$N" --cycle-every "$K" --merged-lane --concurrency 24 --sample "$SAMPLE" --output "reports/zsre-report-n$N-k$K"
 $PY -m evals.serving_bench --rounds 20
 $PY -m evals.memory_bench
 $PY -m evals.consolidation_bench --n 100 --cycles 2 --variants replay-everyday-quarter-w3-mem-4ep,replay-nq-quarter-w3-mem-4ep,no-replay-quarter

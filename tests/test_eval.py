@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 from typer.testing import CliRunner
 
+from evals import zsre
 from serving.cli import app
 from tests.conftest import ROOT, ZSRE
 from memory.text import is_correct, normalise
@@ -232,40 +233,87 @@ def test_served_again_sets_recorded_and_served_figures_side_by_side(tmp_path):
     assert "| weights_only | now | 0.990 | — | — | 0.024 | 713 |" in md and "once per record" in md
 
 
+class FakeServer(zsre.Client):
+    """Answers "Paris" to everything; a consolidation takes 0.2 s, and the one numbered `fail_at` raises."""
+
+    def __init__(self, fail_at: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.chat_ms, self.retrieval_ms = ThreadPoolExecutor(2), [], []
+        self.asked, self.corrected, self.cycles, self.fail_at = [], 0, 0, fail_at
+
+    def ask(self, question, model, memory, max_tokens=32):
+        self.asked.append(model)
+        self.chat_ms.append(1.0)
+        self.retrieval_ms.append(0.1)
+        return {"id": str(len(self.asked)), "text": "Paris", "memories": []}
+
+    def correct(self, response_id, answer):
+        self.corrected += 1
+
+    def agreement(self, question, completion, model):
+        return 3, 4
+
+    def consolidate(self):
+        import time
+
+        self.cycles += 1
+        if self.cycles == self.fail_at:
+            raise ConnectionError("the server went away")
+        time.sleep(0.2)
+        return {"status": "promoted", "adapter": f"ratchet-v{self.cycles}", "metrics": {}}
+
+
+def _fake_records(n: int = 4) -> list[dict]:
+    return [{"id": f"r{i}", "subject": "Narcy", "question": f"Where is Narcy {i}?", "paraphrase": "Narcy?",
+             "answer": "Paris" if i % 2 else "Tours", "locality_question": "Why?", "neighbours": ["Who is Narcy?"]}
+            for i in range(n)]
+
+
 def test_a_run_times_each_cycle_and_each_kind_of_work_with_a_fake_server():
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from evals import zsre
-
-    class Server(zsre.Client):  # answers "Paris" to everything; a consolidation takes 0.2 s
-        def __init__(self):
-            self.pool, self.chat_ms, self.retrieval_ms, self.asked = ThreadPoolExecutor(2), [], [], 0
-
-        def ask(self, question, model, memory, max_tokens=zsre.MAX_TOKENS):
-            self.asked += 1
-            self.chat_ms.append(1.0)
-            self.retrieval_ms.append(0.1)
-            return {"id": str(self.asked), "text": "Paris", "memories": []}
-
-        def correct(self, response_id, answer):
-            pass
-
-        def agreement(self, question, completion, model):
-            return 3, 4
-
-        def consolidate(self):
-            time.sleep(0.2)
-            return {"status": "promoted", "adapter": "ratchet-v1", "metrics": {}}
-
-    records = [{"id": f"r{i}", "subject": "Narcy", "question": f"Where is Narcy {i}?", "paraphrase": "Narcy?",
-                "answer": "Paris" if i % 2 else "Tours", "locality_question": "Why?", "neighbours": ["Who is Narcy?"]}
-               for i in range(4)]
-    out = zsre._run(Server(), records, 2)
+    out = zsre._run(FakeServer(), _fake_records(), 2)
     assert [c["cycle"] for c in out["cycles"]] == [1, 2]
     assert all(c["cycle_seconds"] >= 0.2 for c in out["cycles"])
     assert out["phases_seconds"]["consolidation (training and gate)"] >= 0.4
     assert out["cycles"][-1]["weights"]["reliability"] == 0.5  # "Paris" gives the odd records only
+
+
+def test_a_stopped_run_resumes_after_its_last_step_and_ends_as_one_never_stopped():
+    records = _fake_records(6)
+    whole_server = FakeServer()
+    whole = zsre._run(whole_server, records, 2)
+    kept = []  # the state file, as each step left it
+    state = {"segments": [{"started_at": "then"}]}
+    with pytest.raises(ConnectionError):
+        zsre._run(FakeServer(fail_at=2), records, 2, state=state, save=lambda: kept.append(json.dumps(state)))
+    resumed_server = FakeServer()
+    resumed_server.cycles = 1  # the server's versions carry on: its cycle 1 promoted ratchet-v1
+    resumed = zsre._run(resumed_server, records, 2, state=json.loads(kept[-1]))
+
+    def without_times(cycles):
+        return [{k: v for k, v in c.items() if k != "cycle_seconds"} for c in cycles]
+
+    assert without_times(resumed["cycles"]) == without_times(whole["cycles"])
+    assert resumed["summary"] == whole["summary"]
+    # the base model and cycle 1 are not asked again, nor chunk 2 taught again: it was taught before
+    # its consolidation failed; cycles 2 and 3 are consolidated
+    assert "ratchet-base" not in resumed_server.asked[: resumed_server.asked.index("ratchet")]
+    assert resumed_server.corrected == 2 and resumed_server.cycles == 3
+    assert whole_server.corrected == 6 and whole_server.cycles == 3
+    assert resumed["latency"]["requests"] == len(whole_server.asked)  # every request of the run, before and after
+
+
+def test_a_run_neither_overwrites_an_unfinished_one_nor_resumes_it_with_other_options(tmp_path):
+    options = {"n": 4, "cycle_every": 2, "split": "report"}
+    state = zsre.new_state(tmp_path, options)
+    zsre.save_state(tmp_path, state)
+    with pytest.raises(ValueError, match="pass --resume"):
+        zsre.new_state(tmp_path, options)
+    with pytest.raises(ValueError, match="cycle_every 2, 3"):
+        zsre.resumed_state(tmp_path, {**options, "cycle_every": 3})
+    assert len(zsre.resumed_state(tmp_path, options)["segments"]) == 2
+    with pytest.raises(ValueError, match="no unfinished run"):
+        zsre.resumed_state(tmp_path / "elsewhere", options)
 
 
 def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
