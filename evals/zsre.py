@@ -262,6 +262,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
     if url is None:
         data_dir = Path(state["data_dir"]) if state.get("data_dir") else Path(tempfile.mkdtemp(prefix="data-", dir=output))
         state["data_dir"] = str(data_dir)
+        save_state(output, state)  # a run stopped while its server starts resumes on the same data
         env = {"RATCHET_MERGED_LANE": "1"} if merged_lane else {}
         if anchors == "nq":
             (data_dir / "anchor_prompts.txt").write_text("\n".join(nq_anchor_prompts(records, path=data)) + "\n")
@@ -543,6 +544,16 @@ def _nan(v: float | None) -> float:
     return float("nan") if v is None else v
 
 
+def _segments(results: dict) -> str:
+    """How a resumed run's wall time was made: its segments, each restarting the server."""
+    segments = results.get("segments") or []
+    if len(segments) < 2:
+        return ""
+    parts = ", ".join(f"{s.get('seconds', 0):.0f} s from {s['started_at']}" for s in segments)
+    starts = sum(s.get("server_start_seconds", 0) for s in segments)
+    return f" in {len(segments)} segments (stopped and resumed: {parts}; {starts:.0f} s of it starting the server)"
+
+
 def write_report(results: dict, output: Path) -> None:
     import matplotlib
 
@@ -617,7 +628,8 @@ def write_report(results: dict, output: Path) -> None:
         f"# zsRE learning benchmark: N={results['n']}" + (f", a cycle every {results['cycle_every']}" if cycles else
                                                           ", memory tier only"),
         "",
-        f"Engine: {results['engine']}. Wall time: {results['seconds']:.0f} s. Greedy answers, at most {MAX_TOKENS} tokens.",
+        f"Engine: {results['engine']}. Wall time: {results['seconds']:.0f} s{_segments(results)}. Greedy answers, at "
+        f"most {MAX_TOKENS} tokens, {results.get('concurrency', 'some')} requests in flight.",
         "",
         f"Records: split `{results.get('split')}` from {first}; {results.get('neighbours_per_record')} neighbour "
         f"questions per {results.get('neighbours_per', 'record')}. Corrections written as `{results.get('corrections')}` "

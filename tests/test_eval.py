@@ -278,7 +278,7 @@ def test_a_run_times_each_cycle_and_each_kind_of_work_with_a_fake_server():
     assert out["cycles"][-1]["weights"]["reliability"] == 0.5  # "Paris" gives the odd records only
 
 
-def test_a_stopped_run_resumes_after_its_last_step_and_ends_as_one_never_stopped():
+def test_a_stopped_run_resumes_after_its_last_step_and_ends_as_one_never_stopped(tmp_path):
     records = _fake_records(6)
     whole_server = FakeServer()
     whole = zsre._run(whole_server, records, 2)
@@ -301,6 +301,14 @@ def test_a_stopped_run_resumes_after_its_last_step_and_ends_as_one_never_stopped
     assert resumed_server.corrected == 2 and resumed_server.cycles == 3
     assert whole_server.corrected == 6 and whole_server.cycles == 3
     assert resumed["latency"]["requests"] == len(whole_server.asked)  # every request of the run, before and after
+    # its report tells that its wall time was made in two segments
+    segments = [{"started_at": "2026-12-07T00:00:00Z", "seconds": 100.0, "server_start_seconds": 20.0},
+                {"started_at": "2026-12-07T03:00:00Z", "seconds": 50.0, "server_start_seconds": 30.0}]
+    zsre.write_report({**resumed, "n": 6, "cycle_every": 2, "engine": "fake", "concurrency": 2, "segments": segments,
+                       "correctness_rule": zsre.JUDGE_RULE,
+                       "seconds": 150.0}, tmp_path)
+    assert ("Wall time: 150 s in 2 segments (stopped and resumed: 100 s from 2026-12-07T00:00:00Z, 50 s from "
+            "2026-12-07T03:00:00Z; 50 s of it starting the server)") in (tmp_path / "report.md").read_text()
 
 
 def test_a_run_neither_overwrites_an_unfinished_one_nor_resumes_it_with_other_options(tmp_path):

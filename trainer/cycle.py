@@ -210,6 +210,7 @@ class Cycles:
         made): every live correction + anchors.
         """
         cfg = self.config
+        started = time.monotonic()
         templates = TEMPLATES[: cfg.templates]
         active = self.registry.active()
         unlearn = self.memory.corrections.to_unlearn()
@@ -247,6 +248,7 @@ class Cycles:
             "replayed_earlier": replayed,
             "anchor_examples": len(examples) - n_corrections,
             "neighbour_anchors": sum(e.pinned for e in examples),
+            "seconds": round(time.monotonic() - started, 2),  # mostly the base model answering new anchors
         }
 
     def run(self, cycle_id: int) -> dict:
@@ -305,6 +307,7 @@ class Cycles:
         cycle.parent = self.registry.active()
         self._announce(adapter_name(cycle.version), self.registry.folder_for(cycle.version))
         cycle.metrics = {
+            "plan_seconds": cycle.plan["seconds"],
             "train_seconds": round(result.seconds, 2),
             "train_steps": result.steps,
             "train_tokens_per_second": round(result.tokens_per_second, 1),

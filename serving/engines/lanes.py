@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from serving.engines import Capabilities
-from serving.engines.vllm import VLLMEngine, VLLMOptions, _die_with_parent
+from serving.engines.vllm import VLLMEngine, VLLMOptions, die_with_parent
 from trainer.base_model import load_causal_lm
 
 log = logging.getLogger("ratchet.lanes")
@@ -57,7 +57,7 @@ def merge_in_child(base_model: str, adapter_path: str, out: Path, timeout: float
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
         done = subprocess.run([sys.executable, "-m", "serving.engines.lanes", base_model, str(adapter_path), str(out)],
-                              env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=_die_with_parent)
+                              env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"merging {adapter_path} took over {timeout:.0f} s") from e
     if done.returncode != 0:

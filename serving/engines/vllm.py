@@ -148,7 +148,7 @@ class VLLMEngine:
         # to end when this process dies, so that a killed Ratchet leaves no orphan behind.
         proc = self.process = subprocess.Popen(
             self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         atexit.register(self.stop)
         self._client = openai.OpenAI(
@@ -356,7 +356,7 @@ class VLLMEngine:
         return matched
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG).
 
     Linux ties this to the thread that spawned the child, so engines are started from the
