@@ -274,7 +274,6 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
                            **run_options)
     else:
         results = _run(Client(url, concurrency), records, **run_options)
-    state["segments"][-1]["seconds"] = round(time.monotonic() - started, 1)
     results.update({"n": n, "cycle_every": cycle_every, "split": split,
                     "first_record": records[0]["id"] if records else None, "neighbours_per_record": neighbours,
                     "neighbours_per": "subject",
@@ -496,6 +495,7 @@ def _run(client: Client, records: list[dict], k: int, corrections: str = "short"
             summary.update({"memory_only": score(on, memory_only, [base[i] for i in measured]),
                             "weights_only": weights_only, "both": score(on, both, [base[i] for i in measured])})
             tier_answers = {"memory_only": memory_only, "weights_only": [last_weights[i] for i in measured], "both": both}
+        step_done()  # the end tiers: the segment's last step
     summary["memory_tier_at_once"] = score(on, [memory_tier[i] for i in measured], [base[i] for i in measured])
     if len(measured) < len(records):  # the question and paraphrase were asked of every record
         summary["memory_tier_at_once_all"] = score(records, memory_tier, base)
