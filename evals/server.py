@@ -54,17 +54,24 @@ class RatchetServer:
         if self.models_dir:
             env["RATCHET_MODELS_DIR"] = str(self.models_dir)
         self.proc = subprocess.Popen(self.command(), env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:  # a failed or stopped (SIGTERM) start runs no __exit__, so it stops the server here
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ratchet serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        self.__exit__(None, None, None)
         raise TimeoutError(f"ratchet serve was not ready after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
     def command(self) -> list[str]:

@@ -358,3 +358,36 @@ def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
     assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_benchmark_killed_while_its_server_starts_stops_the_server(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import textwrap
+
+    import psutil
+
+    bench = textwrap.dedent('''
+        import sys, time
+        from evals.server import RatchetServer
+
+        class Fake(RatchetServer):  # never answers /health: the start is still waiting when SIGTERM comes
+            def command(self):
+                return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+            def _wait_ready(self):
+                print(self.proc.pid, flush=True)
+                super()._wait_ready()
+
+        with Fake(sys.argv[1], engine="fake", startup_timeout=600) as server:
+            pass
+    ''')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", bench, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    server_pid = int(proc.stdout.readline())
+    assert psutil.pid_exists(server_pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
