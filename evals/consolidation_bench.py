@@ -138,6 +138,13 @@ VARIANTS = {
                                                    templates=2, anchor_tokens=16,
                                                    cycle={"replay_earlier": 3.0, "memory_examples": True,
                                                           "neighbour_anchors": 4}),
+    # the default with the upper half of the layers and 3 epochs: does the adapter carry its corrections
+    # to other wordings better (weights-only generalisation), and at what training cost?
+    "replay-everyday-half-w3-mem-3ep-nb2": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.5,
+                                                          "distill_weight": 3.0}, anchors="general+everyday",
+                                                templates=2, anchor_tokens=16,
+                                                cycle={"replay_earlier": 3.0, "memory_examples": True,
+                                                       "neighbour_anchors": 2}),
     "no-replay-quarter": dict(training={"epochs": 3, "learning_rate": 2e-3, "layers_from": 0.75}, anchors="none",
                               templates=2, anchor_tokens=0),
     # the server's default recipe of 2026-12-01 (--cycles only): replay-nq-upper-w3, earlier corrections
