@@ -369,7 +369,7 @@ def test_a_benchmark_killed_while_its_server_starts_stops_the_server(tmp_path):
     import psutil
 
     bench = textwrap.dedent('''
-        import sys, time
+        import sys
         from evals.server import RatchetServer
 
         class Fake(RatchetServer):  # never answers /health: the start is still waiting when SIGTERM comes
