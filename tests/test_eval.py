@@ -324,7 +324,9 @@ def test_a_run_neither_overwrites_an_unfinished_one_nor_resumes_it_with_other_op
         zsre.resumed_state(tmp_path / "elsewhere", options)
 
 
-def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
+def _sigterm_stops_its_server(tmp_path, bench: str) -> None:
+    """Runs `bench` (a script that starts a RatchetServer in the data dir it is given and prints the
+    server's pid), stops it with SIGTERM, and checks that it exits as killed and left no server."""
     import os
     import signal
     import subprocess
@@ -332,7 +334,18 @@ def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
 
     import psutil
 
-    bench = textwrap.dedent('''
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(bench), str(tmp_path / "data")],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    server_pid = int(proc.stdout.readline())
+    assert psutil.pid_exists(server_pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
+    _sigterm_stops_its_server(tmp_path, '''
         import sys, time
         from evals.server import RatchetServer
 
@@ -350,25 +363,10 @@ def test_a_benchmark_killed_with_sigterm_stops_the_server_it_started(tmp_path):
             print(server.proc.pid, flush=True)
             time.sleep(600)
     ''')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", bench, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    server_pid = int(proc.stdout.readline())
-    assert psutil.pid_exists(server_pid)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
-    assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_a_benchmark_killed_while_its_server_starts_stops_the_server(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import textwrap
-
-    import psutil
-
-    bench = textwrap.dedent('''
+    _sigterm_stops_its_server(tmp_path, '''
         import sys
         from evals.server import RatchetServer
 
@@ -383,11 +381,3 @@ def test_a_benchmark_killed_while_its_server_starts_stops_the_server(tmp_path):
         with Fake(sys.argv[1], engine="fake", startup_timeout=600) as server:
             pass
     ''')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", bench, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    server_pid = int(proc.stdout.readline())
-    assert psutil.pid_exists(server_pid)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
-    assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
