@@ -210,7 +210,6 @@ class Cycles:
         made): every live correction + anchors.
         """
         cfg = self.config
-        started = time.monotonic()
         templates = TEMPLATES[: cfg.templates]
         active = self.registry.active()
         unlearn = self.memory.corrections.to_unlearn()
@@ -248,7 +247,6 @@ class Cycles:
             "replayed_earlier": replayed,
             "anchor_examples": len(examples) - n_corrections,
             "neighbour_anchors": sum(e.pinned for e in examples),
-            "seconds": round(time.monotonic() - started, 2),  # mostly the base model answering new anchors
         }
 
     def run(self, cycle_id: int) -> dict:
@@ -285,9 +283,11 @@ class Cycles:
         cycle.new = [c for c in cycle.corrections if c.consolidated_in is None]
         return bool(cycle.new) or bool(self.memory.corrections.to_unlearn() and self.registry.active())
 
-    def _plan(self, cycle: _Cycle) -> None:
-        self._update(cycle.id, message="preparing the training set")
-        cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new)
+    def _plan(self, cycle: _Cycle, replay_all: bool = False, doing: str = "preparing the training set") -> None:
+        self._update(cycle.id, message=doing)
+        started = time.monotonic()
+        cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new, replay_all=replay_all)
+        cycle.plan_seconds = round(time.monotonic() - started, 2)  # mostly the base model answering new anchors
         self._update(cycle.id, n_corrections=len(cycle.new), n_examples=len(cycle.examples), message="training")
 
     def _train(self, cycle: _Cycle, doing: str = "training") -> None:
@@ -307,7 +307,7 @@ class Cycles:
         cycle.parent = self.registry.active()
         self._announce(adapter_name(cycle.version), self.registry.folder_for(cycle.version))
         cycle.metrics = {
-            "plan_seconds": cycle.plan["seconds"],
+            "plan_seconds": cycle.plan_seconds,
             "train_seconds": round(result.seconds, 2),
             "train_steps": result.steps,
             "train_tokens_per_second": round(result.tokens_per_second, 1),
@@ -363,9 +363,7 @@ class Cycles:
     def _retry(self, cycle: _Cycle, rejected: AdapterVersion) -> AdapterVersion:
         """The next version, trained from the same start with every earlier correction replayed."""
         why = f"{rejected.name}: " + "; ".join(cycle.gate.reasons)
-        self._update(cycle.id, message=f"gate rejected {why}; training again, every earlier correction replayed")
-        cycle.examples, cycle.plan = self.plan(cycle.corrections, cycle.new, replay_all=True)
-        self._update(cycle.id, n_examples=len(cycle.examples))
+        self._plan(cycle, replay_all=True, doing=f"gate rejected {why}; training again, every earlier correction replayed")
         self._train(cycle, doing=f"training again (after {rejected.name})")
         self._judge(cycle)
         cycle.metrics["retried_after"] = why
@@ -411,6 +409,7 @@ class _Cycle:
     new: list[Correction] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
     plan: dict = field(default_factory=dict)
+    plan_seconds: float = 0.0  # what making the plan took
     version: int | None = None  # the candidate's, once training starts
     parent: AdapterVersion | None = None  # the version active when training ended
     metrics: dict = field(default_factory=dict)
