@@ -41,6 +41,9 @@ FIRST_ANSWER_TOKENS = 8
 # Which dev records a run may use: thresholds and prompts are tuned only on `tune`; figures are
 # reported on `report`, never tuned on (0-based, end exclusive: records 1-2000 and 2001-3783).
 SPLITS = {"tune": (0, 2000), "report": (2000, 3783)}
+# The rule as the benchmark applies it: `score` calls `gives` without the question, so none of its words is left out.
+CORRECTNESS_RULE = JUDGE_RULE + (" Here no question is given: a key word the question also has must be given too "
+                                 "(the stricter reading; the agent's repair step leaves the question's words out).")
 # How a user writes a correction: the bare answer, a "No, it's X", or a whole sentence.
 CORRECTION_STYLES = {
     "short": "{answer}",
@@ -280,7 +283,7 @@ def run(n: int, cycle_every: int, output: Path, url: str | None = None, data: Pa
                     "corrections": corrections, "tiers": tiers, "sample": sample, "base_from": str(base_from) if base_from else None,
                     "engine": (engine + (" + merged lane" if merged_lane else "")) if url is None else url,
                     "anchors": anchors if url is None else "the server's",
-                    "correctness_rule": JUDGE_RULE, "concurrency": concurrency,
+                    "correctness_rule": CORRECTNESS_RULE, "concurrency": concurrency,
                     # a resumed run's wall time is the sum of its segments' (each restarts the server)
                     "segments": state["segments"],
                     "seconds": round(sum(seg.get("seconds", 0.0) for seg in state["segments"]), 1)})

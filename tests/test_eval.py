@@ -20,6 +20,11 @@ def test_the_correctness_rule_is_containment_after_normalising():
     assert not is_correct("Lecanorales", "Lecanoraceae")
     assert not is_correct("art", "He studied at Stuttgart")  # whole words only
     assert not is_correct("", "anything")
+    # the benchmark judges without the question: "airport" is a key word, as the report says
+    figures = zsre.score([{"answer": "Entebbe International Airport"}],
+                         [{"q": "Entebbe International", "p": "Entebbe International Airport"}], [{}])
+    assert figures["reliability"] == 0.0 and figures["generalisation"] == 1.0
+    assert "no question is given" in zsre.CORRECTNESS_RULE
 
 
 def test_nq_anchors_never_include_an_evaluated_locality_question():
@@ -305,7 +310,7 @@ def test_a_stopped_run_resumes_after_its_last_step_and_ends_as_one_never_stopped
     segments = [{"started_at": "2026-12-07T00:00:00Z", "seconds": 100.0, "server_start_seconds": 20.0},
                 {"started_at": "2026-12-07T03:00:00Z", "seconds": 50.0, "server_start_seconds": 30.0}]
     zsre.write_report({**resumed, "n": 6, "cycle_every": 2, "engine": "fake", "concurrency": 2, "segments": segments,
-                       "correctness_rule": zsre.JUDGE_RULE,
+                       "correctness_rule": zsre.CORRECTNESS_RULE,
                        "seconds": 150.0}, tmp_path)
     assert ("Wall time: 150 s in 2 segments (stopped and resumed: 100 s from 2026-12-07T00:00:00Z, 50 s from "
             "2026-12-07T03:00:00Z; 50 s of it starting the server)") in (tmp_path / "report.md").read_text()
